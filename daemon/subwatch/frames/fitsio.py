@@ -1,0 +1,259 @@
+"""Reading FITS frames: completeness from the header, pixels from the first image, never a crash.
+
+Capture programs create the final file name first and fill it afterwards, so the existence of a
+file says nothing. A FITS header, however, states exactly how many data bytes follow it
+(|BITPIX|/8 x GCOUNT x (PCOUNT + NAXIS1 x ... x NAXISn), padded to 2880-byte blocks), so a file
+shorter than that is *incomplete* and must be retried later, not read. That check costs one small
+read and happens before any pixel is touched, as does the refusal of absurd dimensions.
+
+Headers in the wild break the standard (decimal commas, bad DATE cards, lowercase keys), so the
+header is repaired with astropy's ``verify('silentfix')`` and read leniently rather than refused.
+NaN and Inf pixels are replaced and reported in a mask instead of propagating into the stack.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+from astropy.utils.exceptions import AstropyUserWarning
+
+from subwatch.frames.meta import FrameMeta, normalise_header
+
+BLOCK = 2880
+CARD = 80
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.fz", ".fit.fz")
+
+
+class FrameReadError(Exception):
+    """A frame that cannot be used; ``reason`` is the short code written to frames.jsonl."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class IncompleteFrame(FrameReadError):
+    """The file is shorter than its header promises: still being written, or truncated."""
+
+    def __init__(self, have: int, need: int | None) -> None:
+        detail = f"{have} of {need} bytes" if need else f"{have} bytes, header not complete"
+        super().__init__("incomplete", detail)
+        self.have = have
+        self.need = need
+
+
+@dataclass
+class LoadedFrame:
+    """Pixels as float32 (H, W) or (H, W, 3), the header as found, and normalised metadata."""
+
+    data: np.ndarray
+    header: fits.Header
+    meta: FrameMeta
+    bad_pixels: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _parse_header_block(raw: bytes, start: int) -> tuple[dict[str, str], int] | None:
+    """Parse one header from ``start``; returns (cards, offset after header) or None if short."""
+    cards: dict[str, str] = {}
+    pos = start
+    while True:
+        block = raw[pos : pos + BLOCK]
+        if len(block) < BLOCK:
+            return None
+        pos += BLOCK
+        for i in range(0, BLOCK, CARD):
+            card = block[i : i + CARD].decode("ascii", errors="replace")
+            key = card[:8].strip().upper()
+            if key == "END":
+                return cards, pos
+            if card[8:10] == "= " and key not in cards:
+                value = card[10:].split("/", 1)[0].strip().strip("'").strip()
+                cards[key] = value
+        if pos - start > BLOCK * 2000:  # a header of 72000 cards is not a header
+            raise FrameReadError("not a FITS file", "no END card")
+
+
+def _int_card(cards: dict[str, str], key: str, default: int | None = None) -> int:
+    value = cards.get(key)
+    if value is None:
+        if default is None:
+            raise FrameReadError("bad header", f"missing {key}")
+        return default
+    try:
+        return int(float(value.replace(",", ".")))
+    except ValueError as exc:
+        raise FrameReadError("bad header", f"{key} = {value!r}") from exc
+
+
+def _data_bytes(cards: dict[str, str]) -> int:
+    bitpix = _int_card(cards, "BITPIX")
+    if bitpix not in (8, 16, 32, 64, -32, -64):
+        raise FrameReadError("bad header", f"BITPIX = {bitpix}")
+    naxis = _int_card(cards, "NAXIS")
+    if naxis == 0:
+        return 0
+    if naxis < 0 or naxis > 999:
+        raise FrameReadError("bad header", f"NAXIS = {naxis}")
+    axes = [_int_card(cards, f"NAXIS{i}") for i in range(1, naxis + 1)]
+    if any(a < 0 for a in axes):
+        raise FrameReadError("bad header", f"negative axis length {axes}")
+    gcount = _int_card(cards, "GCOUNT", 1)
+    pcount = _int_card(cards, "PCOUNT", 0)
+    nbytes = abs(bitpix) // 8 * gcount * (pcount + math.prod(axes))
+    return -(-nbytes // BLOCK) * BLOCK
+
+
+def expected_fits_size(path: Path, *, max_dimension: int | None = None) -> int:
+    """Bytes a complete file must have, from its headers alone.
+
+    Raises ``IncompleteFrame`` while a header is still being written, ``FrameReadError`` for a
+    file that is not FITS. Extensions are followed while the file holds their headers; a
+    primary HDU without data and no extension yet (a tile-compressed file mid-write) counts as
+    incomplete.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(BLOCK * 64)
+    if not raw[:9].startswith(b"SIMPLE  ="):
+        if len(raw) < 9:
+            raise IncompleteFrame(size, None)
+        raise FrameReadError("not a FITS file", "no SIMPLE card")
+    offset = 0
+    parsed = _parse_header_block(raw, 0)
+    if parsed is None:
+        raise IncompleteFrame(size, None)
+    cards, after = parsed
+    if max_dimension is not None:
+        _check_header_dimensions(cards, max_dimension)
+    offset = after + _data_bytes(cards)
+    primary_empty = _int_card(cards, "NAXIS") == 0
+    seen_image = not primary_empty
+    # Follow extensions whose headers are already on disk (needs the bytes at that offset).
+    while offset < size and offset + BLOCK <= size:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read(BLOCK * 64)
+        if not chunk.startswith(b"XTENSION="):
+            break
+        parsed = _parse_header_block(chunk, 0)
+        if parsed is None:
+            raise IncompleteFrame(size, None)
+        ext_cards, ext_after = parsed
+        if max_dimension is not None and ext_cards.get("XTENSION", "").upper() != "BINTABLE":
+            _check_header_dimensions(ext_cards, max_dimension)
+        offset += ext_after + _data_bytes(ext_cards)
+        seen_image = True
+    if not seen_image:
+        raise IncompleteFrame(size, None)
+    return offset
+
+
+def _check_header_dimensions(cards: dict[str, str], max_dimension: int) -> None:
+    """Refuse a promised image larger than ``max_dimension`` a side before waiting or reading."""
+    naxis = _int_card(cards, "NAXIS", 0)
+    for i in (1, 2):
+        if naxis >= i and _int_card(cards, f"NAXIS{i}", 0) > max_dimension:
+            axes = "x".join(cards.get(f"NAXIS{j}", "?") for j in range(1, naxis + 1))
+            raise FrameReadError("absurd dimensions", f"{axes} exceeds {max_dimension} px a side")
+
+
+def check_complete(path: Path, max_dimension: int | None = None) -> int:
+    """Raise ``IncompleteFrame`` if the file is shorter than its headers promise; else its size."""
+    need = expected_fits_size(path, max_dimension=max_dimension)
+    have = Path(path).stat().st_size
+    if have < need:
+        raise IncompleteFrame(have, need)
+    return need
+
+
+def _first_image_hdu(hdul: fits.HDUList) -> fits.hdu.base._BaseHDU:
+    for hdu in hdul:
+        is_image = isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU)
+        if is_image and hdu.header.get("NAXIS", 0) >= 2:
+            return hdu
+    raise FrameReadError("no image", "no image HDU with two or more axes")
+
+
+def _repair(hdu: fits.hdu.base._BaseHDU) -> list[str]:
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdu.verify("silentfix+ignore")
+        except Exception as exc:  # verify itself can choke on truly broken cards
+            notes.append(f"header verify: {exc}")
+    notes.extend(str(w.message).splitlines()[0] for w in caught if w.message)
+    return notes
+
+
+def read_frame(path: Path, *, max_dimension: int = 20000, root: Path | None = None) -> LoadedFrame:
+    """Read the first image of a FITS file as float32, refusing what cannot be a sub.
+
+    ``root`` is the watch folder; folder names under it are used as hints for the metadata.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FrameReadError("missing", str(path))
+    check_complete(path, max_dimension)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VerifyWarning)
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+                hdu = _first_image_hdu(hdul)
+                notes = _repair(hdu)
+                header = hdu.header.copy()
+                shape = tuple(
+                    int(header.get(f"NAXIS{i}", 0)) for i in range(1, header["NAXIS"] + 1)
+                )
+                _check_dimensions(shape, max_dimension)
+                data = hdu.data
+    except FrameReadError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise FrameReadError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    if data is None:
+        raise FrameReadError("no image", "empty data")
+    image, bad = _to_float_image(np.asarray(data))
+    meta = normalise_header(header, path, root=root, shape=image.shape)
+    if bad:
+        notes.append(f"{bad} NaN/Inf pixels replaced")
+    return LoadedFrame(data=image, header=header, meta=meta, bad_pixels=bad, notes=notes)
+
+
+def _check_dimensions(shape: tuple[int, ...], max_dimension: int) -> None:
+    """Refuse before allocating: a corrupt NAXIS can ask for terabytes."""
+    if len(shape) < 2:
+        raise FrameReadError("no image", f"NAXIS = {len(shape)}")
+    w, h = shape[0], shape[1]
+    if w < 8 or h < 8:
+        raise FrameReadError("absurd dimensions", f"{w}x{h}")
+    if w > max_dimension or h > max_dimension:
+        raise FrameReadError("absurd dimensions", f"{w}x{h} exceeds {max_dimension} px a side")
+    if len(shape) > 3 or (len(shape) == 3 and shape[2] not in (1, 3)):
+        raise FrameReadError("unsupported image", f"axes {shape}")
+
+
+def _to_float_image(data: np.ndarray) -> tuple[np.ndarray, int]:
+    """float32 (H, W) or (H, W, 3); NaN/Inf replaced by the median so nothing propagates."""
+    arr = data.astype(np.float32, copy=False)
+    if arr.ndim == 3:
+        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+    arr = np.ascontiguousarray(arr)
+    finite = np.isfinite(arr)
+    bad = int(arr.size - np.count_nonzero(finite))
+    if bad:
+        if bad == arr.size:
+            raise FrameReadError("no valid pixels", "every pixel is NaN or Inf")
+        arr = arr.copy() if arr is data else arr
+        arr[~finite] = np.median(arr[finite])
+    return arr, bad

@@ -1,0 +1,341 @@
+"""The per-frame path: load, calibrate, measure, judge, register, integrate, record.
+
+One frame goes through plain functions in order; the state it touches lives in three places:
+the calibration library, the stack sessions and the journal (``frames.jsonl``). Every outcome,
+good or bad, ends as exactly one journal row with a reason, and nothing here raises for a bad
+frame: a bad frame is a row, not a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+from subwatch import __version__
+from subwatch.calibration import CalibrationLibrary, calibrate_light
+from subwatch.config import Config
+from subwatch.frames import FrameReadError, JsonlWriter, LoadedFrame, read_frame, write_fits_atomic
+from subwatch.frames.outputs import write_json_atomic
+from subwatch.measure import FrameMeasurement, measure_frame
+from subwatch.measure.quality import judge
+from subwatch.register import RegistrationError, find_transform, warp_image
+from subwatch.stack import StackSession, safe_name
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_KINDS = ("bias", "dark", "flat", "dark-flat")
+
+
+class Timer:
+    """Stage -> seconds, the ``seconds`` object of a journal row."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = round(now - self.last, 4)
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        self.stages["total"] = round(time.perf_counter() - self.t0, 4)
+        return self.stages
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(float(value), digits)
+
+
+class Pipeline:
+    """Processes frames one at a time and keeps the stacks; not thread-safe by design."""
+
+    def __init__(self, cfg: Config, watch_root: Path, output: Path) -> None:
+        self.cfg = cfg
+        self.root = Path(watch_root)
+        self.output = Path(output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        calib_dir = cfg.calibration.path or (self.output / "masters")
+        self.library = CalibrationLibrary(
+            Path(calib_dir), cfg.calibration, cfg.frames.max_dimension
+        )
+        self.journal = JsonlWriter(self.output / "frames.jsonl")
+        self.stacks: dict[tuple[str, str], StackSession] = {}
+        self.counts: dict[str, int] = {"stacked": 0, "rejected": 0, "error": 0, "calibration": 0}
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._since_write = 0
+
+    # -- one frame ---------------------------------------------------------------------------
+
+    def process(
+        self, path: Path, size: int | None = None, mtime: float | None = None
+    ) -> dict[str, Any]:
+        timer = Timer()
+        record: dict[str, Any] = self._blank(path, size, mtime)
+        try:
+            frame = read_frame(path, max_dimension=self.cfg.frames.max_dimension, root=self.root)
+            timer.lap("load")
+            self._fill_meta(record, frame)
+            if frame.meta.kind in CALIBRATION_KINDS:
+                self.library.add(path, frame.meta)
+                record["status"] = "calibration"
+            elif frame.meta.kind == "unknown":
+                declared = frame.meta.sources["kind"].split("=", 1)[-1]
+                record.update(status="error", reason=f"unknown frame type '{declared}'")
+            else:
+                self._process_light(frame, record, timer)
+        except FrameReadError as exc:
+            record.update(status="error", reason=exc.reason, detail=exc.detail or None)
+            log.warning("%s: %s", record["file"], exc)
+        except MemoryError:
+            record.update(status="error", reason="out of memory")
+            log.error("%s: out of memory", record["file"])
+        except Exception as exc:  # a defect of ours must not stop the night
+            record.update(
+                status="error", reason="internal error", detail=f"{type(exc).__name__}: {exc}"
+            )
+            log.exception("%s: internal error", record["file"])
+        record["seconds"] = timer.done()
+        self.record(record)
+        return record
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Journal a row (also used for files that never reached ``process``)."""
+        status = record.get("status") or "error"
+        self.counts[status] = self.counts.get(status, 0) + 1
+        self.journal.append(record)
+        for listener in self.listeners:
+            listener(record)
+
+    def error_row(
+        self, path: Path, reason: str, size: int | None = None, mtime: float | None = None
+    ) -> dict[str, Any]:
+        record = self._blank(path, size, mtime)
+        record.update(status="error", reason=reason, seconds={"total": 0.0})
+        return record
+
+    def _blank(self, path: Path, size: int | None, mtime: float | None) -> dict[str, Any]:
+        rel = str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+        return {
+            "file": rel,
+            "kind": "unknown",
+            "status": None,
+            "reason": None,
+            "target": None,
+            "filter": None,
+            "exptime": None,
+            "stars": None,
+            "fwhm": None,
+            "eccentricity": None,
+            "background": None,
+            "noise": None,
+            "snr": None,
+            "transform": None,
+            "seconds": {},
+            "size": size,
+            "mtime": mtime,
+            "processed": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+
+    def _fill_meta(self, record: dict[str, Any], frame: LoadedFrame) -> None:
+        meta = frame.meta
+        if meta.kind == "unknown" and "kind" not in meta.sources:
+            # Nothing in the header or the names says what it is: in a capture folder, a light.
+            meta.kind = "light"
+            meta.sources["kind"] = "assumed"
+        record.update(
+            kind=meta.kind,
+            target=meta.target,
+            filter=meta.filter,
+            exptime=meta.exptime,
+            date_obs=meta.date_obs,
+        )
+        from_names = {k: v for k, v in meta.sources.items() if v in ("filename", "assumed")}
+        if from_names:
+            record["from_filename"] = from_names
+        if frame.bad_pixels:
+            record["bad_pixels"] = frame.bad_pixels
+
+    def _process_light(self, frame: LoadedFrame, record: dict[str, Any], timer: Timer) -> None:
+        meta = frame.meta
+        masters = self.library.match(meta)
+        raw = frame.data
+        bayer = meta.bayer if raw.ndim == 2 else None
+        calibrated = calibrate_light(
+            raw, masters, exptime=meta.exptime, bayer=bayer, cosmetic=self.cfg.calibration.cosmetic
+        )
+        record["masters"] = masters.names()
+        if masters.notes:
+            record["calibration_notes"] = masters.notes
+        timer.lap("calibrate")
+
+        saturation = _saturation_level(raw, calibrated)
+        m = measure_frame(calibrated, saturation=saturation)
+        self._fill_measurement(record, m)
+        timer.lap("measure")
+
+        session = self._session(meta.target, meta.filter, calibrated.ndim == 3)
+        record["target"], record["filter"] = session.target, session.filter
+        reason = judge(m, session.history, self.cfg.gates)
+        if reason is not None:
+            self._reject(session, record, reason)
+            return
+        timer.lap("judge")
+
+        stars = m.stars.xyf()
+        if not session.has_reference:
+            session.start(calibrated.shape, stars, m.background.level, m.background.noise)
+            matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+            record.update(inliers=len(stars), registration_rms=0.0, reference=True)
+            warped, coverage = calibrated, np.ones(calibrated.shape[:2], np.float32)
+        else:
+            try:
+                reg = find_transform(
+                    stars,
+                    session.reference_stars,
+                    model=self.cfg.stacking.transform,
+                    min_inliers=self.cfg.stacking.min_inliers,
+                    max_rms=self.cfg.stacking.max_registration_rms,
+                )
+            except RegistrationError as exc:
+                record.update(inliers=exc.inliers, registration_rms=_round(exc.rms, 4))
+                self._reject(session, record, "registration failed", detail=str(exc))
+                return
+            matrix = reg.matrix
+            record.update(inliers=reg.inliers, registration_rms=_round(reg.rms, 4))
+            timer.lap("register")
+            h, w = calibrated.shape[:2]
+            warped, coverage = warp_image(
+                calibrated, matrix, (h, w), self.cfg.stacking.interpolation
+            )
+            timer.lap("warp")
+        record["transform"] = [[round(float(v), 6) for v in row] for row in matrix]
+        added = session.add(
+            warped,
+            coverage,
+            background=m.background.level,
+            noise=m.background.noise,
+            weighting=self.cfg.stacking.weighting,
+            normalize=self.cfg.stacking.normalize,
+        )
+        record["rejected_pixels"] = added.rejected_pixels
+        session.history.add(m)
+        session.files.append(record["file"])
+        session.exptime_total += float(meta.exptime or 0.0)
+        session.date_obs = session.date_obs or meta.date_obs
+        if m.fwhm is not None:
+            session.fwhm.append(m.fwhm)
+        if m.snr is not None:
+            session.snr.append(m.snr)
+        record["status"] = "stacked"
+        timer.lap("integrate")
+        self._since_write += 1
+        if self._since_write >= self.cfg.stacking.checkpoint_frames:
+            self.write_stacks()
+            timer.lap("write")
+
+    def _reject(
+        self, session: StackSession, record: dict[str, Any], reason: str, detail: str | None = None
+    ) -> None:
+        session.rejected += 1
+        record.update(status="rejected", reason=reason)
+        if detail:
+            record["detail"] = detail
+        log.info("%s rejected: %s", record["file"], reason)
+
+    def _fill_measurement(self, record: dict[str, Any], m: FrameMeasurement) -> None:
+        record.update(
+            stars=m.n_stars,
+            fwhm=_round(m.fwhm),
+            eccentricity=_round(m.eccentricity),
+            background=_round(m.background.level, 2),
+            noise=_round(m.background.noise, 3),
+            snr=_round(m.snr, 2),
+            gradient=_round(m.gradient.percent, 3),
+            gradient_angle=_round(m.gradient.angle_deg, 1),
+        )
+
+    def _session(self, target: str | None, filt: str | None, color: bool) -> StackSession:
+        key = (safe_name(target, "unknown"), safe_name(filt, "OSC" if color else "nofilter"))
+        session = self.stacks.get(key)
+        if session is None:
+            kappa = (
+                self.cfg.stacking.kappa if self.cfg.stacking.rejection == "kappa-sigma" else None
+            )
+            session = StackSession(
+                key[0], key[1], kappa=kappa, warmup=self.cfg.stacking.rejection_warmup
+            )
+            self.stacks[key] = session
+        return session
+
+    # -- products ----------------------------------------------------------------------------
+
+    def write_stacks(self) -> list[Path]:
+        """Write every stack that changed since the last write, atomically."""
+        written = []
+        for session in self.stacks.values():
+            if session.updated and session.accumulator is not None:
+                written.append(self._write_stack(session))
+                session.updated = False
+        self._since_write = 0
+        return written
+
+    def _write_stack(self, session: StackSession) -> Path:
+        assert session.accumulator is not None
+        folder = self.output / session.target / session.filter
+        data = session.accumulator.mean()
+        if data.ndim == 3:
+            data = np.moveaxis(data, -1, 0)  # FITS cubes are (planes, rows, cols)
+        header = fits.Header()
+        header["NCOMBINE"] = (session.stacked, "subs integrated")
+        header["EXPTIME"] = (round(session.exptime_total, 3), "total integration, s")
+        header["OBJECT"] = session.target
+        header["FILTER"] = session.filter
+        if session.date_obs:
+            header["DATE-OBS"] = (session.date_obs, "start of the first sub")
+        header["BUNIT"] = "ADU"
+        header["STACKMTH"] = ("weighted mean", self.cfg.stacking.weighting + " weights")
+        header["REJECT"] = self.cfg.stacking.rejection
+        header["SWCREATE"] = f"subwatch {__version__}"
+        if data.ndim == 3:
+            header["CTYPE3"] = "RGB"
+        path = folder / "stack.fits"
+        write_fits_atomic(path, data, header)
+        write_json_atomic(folder / "status.json", self.stack_status(session))
+        return path
+
+    def stack_status(self, session: StackSession) -> dict[str, Any]:
+        return {
+            "target": session.target,
+            "filter": session.filter,
+            "frames_stacked": session.stacked,
+            "frames_rejected": session.rejected,
+            "integration_seconds": round(session.exptime_total, 3),
+            "fwhm_median": _round(float(np.median(session.fwhm)) if session.fwhm else None),
+            "sub_snr_median": _round(float(np.median(session.snr)) if session.snr else None, 2),
+            "reference_background": _round(session.reference_background, 2),
+            "reference_noise": _round(session.reference_noise, 3),
+            "updated": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+
+
+def _saturation_level(raw: np.ndarray, calibrated: np.ndarray) -> float | None:
+    """The calibrated level at which star cores clipped, or None if nothing clipped.
+
+    Clipping shows as a plateau: several pixels sharing exactly the highest raw value (the ADC
+    ceiling, whatever the camera's bit depth), or values near the 16-bit ceiling.
+    """
+    top = float(raw.max())
+    at_top = raw >= top
+    if top < 60000 and int(at_top.sum()) < 3:
+        return None
+    lum = calibrated if calibrated.ndim == 2 else calibrated.mean(axis=2)
+    return float(np.percentile(lum[raw >= 0.995 * top], 5)) * 0.98

@@ -1,0 +1,80 @@
+"""One live stack per (target, filter): its reference, its accumulator, its history.
+
+The first accepted sub of a stack is its reference: its stars are what later subs are matched
+to, its pixel grid is the stack's grid, and its background level is what later subs are
+normalised to (an additive offset, so a sky brightening with the moon or dawn does not raise
+the stack). Weights are inverse noise variance, so a sub twice as noisy counts a quarter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from subwatch.measure.quality import GateHistory
+from subwatch.stack.accumulator import AddResult, WeightedAccumulator
+
+
+def safe_name(text: str | None, default: str) -> str:
+    """A folder name from a header value: no separators, no surprises."""
+    if not text:
+        return default
+    name = re.sub(r"[^A-Za-z0-9+._-]+", "_", text.strip()).strip("._")
+    return name or default
+
+
+@dataclass
+class StackSession:
+    target: str
+    filter: str
+    kappa: float | None
+    warmup: int
+    accumulator: WeightedAccumulator | None = None
+    reference_stars: np.ndarray | None = None  # (N, 3) x, y, flux
+    reference_background: float = 0.0
+    reference_noise: float = 0.0
+    history: GateHistory = field(default_factory=GateHistory)
+    files: list[str] = field(default_factory=list)
+    exptime_total: float = 0.0
+    date_obs: str | None = None
+    stacked: int = 0
+    rejected: int = 0
+    fwhm: list[float] = field(default_factory=list)
+    snr: list[float] = field(default_factory=list)
+    updated: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.target, self.filter)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.accumulator is not None
+
+    def start(
+        self, shape: tuple[int, ...], stars: np.ndarray, background: float, noise: float
+    ) -> None:
+        self.accumulator = WeightedAccumulator(shape, kappa=self.kappa, warmup=self.warmup)
+        self.reference_stars = stars
+        self.reference_background = background
+        self.reference_noise = noise
+
+    def add(
+        self,
+        warped: np.ndarray,
+        coverage: np.ndarray,
+        *,
+        background: float,
+        noise: float,
+        weighting: str,
+        normalize: bool,
+    ) -> AddResult:
+        assert self.accumulator is not None
+        image = warped + np.float32(self.reference_background - background) if normalize else warped
+        weight = 1.0 / (noise * noise) if weighting == "noise" and noise > 0 else 1.0
+        result = self.accumulator.add(image, coverage, weight=weight, noise=noise)
+        self.stacked += 1
+        self.updated = True
+        return result

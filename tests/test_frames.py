@@ -1,0 +1,162 @@
+"""Reading frames: completeness from the header, lenient headers, refusals with reasons."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from subwatch.frames import FrameReadError, IncompleteFrame, expected_fits_size, read_frame
+from subwatch.frames.fitsio import check_complete
+from subwatch.frames.meta import normalise_header
+from subwatch.frames.outputs import JsonlWriter
+
+
+def _fits_bytes(data: np.ndarray, **cards: object) -> bytes:
+    hdu = fits.PrimaryHDU(data)
+    for key, value in cards.items():
+        hdu.header[key.replace("_", "-")] = value
+    buf = io.BytesIO()
+    hdu.writeto(buf)
+    return buf.getvalue()
+
+
+def test_expected_size_matches_a_complete_file(tmp_path: Path) -> None:
+    payload = _fits_bytes(np.zeros((50, 70), np.uint16), IMAGETYP="Light Frame")
+    path = tmp_path / "a.fits"
+    path.write_bytes(payload)
+    assert expected_fits_size(path) == len(payload)
+    assert check_complete(path) == len(payload)
+
+
+@pytest.mark.parametrize("keep", [100, 2880, 2880 + 1000])
+def test_a_partly_written_file_is_incomplete(tmp_path: Path, keep: int) -> None:
+    payload = _fits_bytes(np.zeros((50, 70), np.uint16))
+    path = tmp_path / "partial.fits"
+    path.write_bytes(payload[:keep])
+    with pytest.raises(IncompleteFrame) as err:
+        check_complete(path)
+    assert err.value.reason == "incomplete"
+    with pytest.raises(IncompleteFrame):
+        read_frame(path)
+
+
+def test_non_fits_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.fits"
+    path.write_text("this is a text file, not an image" * 200)
+    with pytest.raises(FrameReadError) as err:
+        read_frame(path)
+    assert err.value.reason == "not a FITS file"
+
+
+def test_absurd_dimensions_are_refused_before_reading(tmp_path: Path) -> None:
+    header = fits.Header()
+    header["SIMPLE"] = True
+    header["BITPIX"] = 16
+    header["NAXIS"] = 2
+    header["NAXIS1"] = 90000
+    header["NAXIS2"] = 90000
+    path = tmp_path / "huge.fits"
+    path.write_bytes(header.tostring().encode() + b"\0" * 2880)
+    with pytest.raises(FrameReadError) as err:
+        read_frame(path, max_dimension=20000)
+    assert err.value.reason == "absurd dimensions"
+
+
+def test_decimal_comma_and_nan_pixels(tmp_path: Path) -> None:
+    data = np.full((40, 40), 100.0, np.float32)
+    data[3, 4] = np.nan
+    data[5, 6] = np.inf
+    raw = bytearray(_fits_bytes(data, EXPTIME=1.5, IMAGETYP="Bias Frame"))
+    card = b"EXPTIME =                  1.5"
+    pos = raw.find(card)
+    assert pos >= 0
+    raw[pos : pos + len(card)] = b"EXPTIME =              6,4E-05"
+    path = tmp_path / "comma.fits"
+    path.write_bytes(bytes(raw))
+    frame = read_frame(path)
+    assert frame.meta.exptime == pytest.approx(6.4e-5)
+    assert frame.meta.kind == "bias"
+    assert frame.bad_pixels == 2
+    assert np.isfinite(frame.data).all()
+    assert frame.data[3, 4] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    ("cards", "name", "kind", "source"),
+    [
+        ({"IMAGETYP": "Light Frame"}, "x.fits", "light", "header:IMAGETYP"),
+        ({"IMAGETYP": "LIGHT"}, "x.fits", "light", "header:IMAGETYP"),
+        ({"FRAME": "Light"}, "x.fits", "light", "header:FRAME"),
+        ({"IMAGETYP": "Flat Field"}, "x.fits", "flat", "header:IMAGETYP"),
+        ({"IMAGETYP": "Bias Frame"}, "x.fits", "bias", "header:IMAGETYP"),
+        ({"IMAGETYP": "Dark"}, "x.fits", "dark", "header:IMAGETYP"),
+        ({"IMAGETYP": "DARKFLAT"}, "x.fits", "dark-flat", "header:IMAGETYP"),
+        ({}, "Dark_10s/frame_0001.fit", "dark", "filename"),
+        ({}, "light_B_15000ms_3.fit", "light", "filename"),
+        ({}, "Flat_ASIImg_frame0001.fit", "flat", "filename"),
+        ({}, "Bias_ASIImg_frame0001.fit", "bias", "filename"),
+    ],
+)
+def test_kind_from_headers_and_names(cards: dict, name: str, kind: str, source: str) -> None:
+    header = fits.Header()
+    for k, v in cards.items():
+        header[k] = v
+    meta = normalise_header(header, Path("/capture") / name, root=Path("/capture"))
+    assert meta.kind == kind
+    assert meta.sources["kind"] == source
+
+
+def test_exposure_from_name_is_marked() -> None:
+    meta = normalise_header(fits.Header(), Path("/c/light_B_15000ms_3.fit"), root=Path("/c"))
+    assert meta.exptime == pytest.approx(15.0)
+    assert meta.sources["exptime"] == "filename"
+
+
+def test_bayer_offsets_shift_the_pattern() -> None:
+    header = fits.Header()
+    header["BAYERPAT"] = "RGGB"
+    header["XBAYROFF"] = 1
+    assert normalise_header(header, Path("x.fits")).bayer == "GRBG"
+    header["YBAYROFF"] = 1
+    assert normalise_header(header, Path("x.fits")).bayer == "BGGR"
+
+
+def test_journal_survives_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "frames.jsonl"
+    path.write_text('{"file": "a.fits"}\n{"file": "b.f')
+    journal = JsonlWriter(path)
+    journal.append({"file": "c.fits"})
+    assert [r["file"] for r in journal.read()] == ["a.fits", "c.fits"]
+
+
+@pytest.mark.realdata
+def test_real_headers(real_data: Path) -> None:
+    bias = read_frame(
+        real_data / "asi120-calibration/bias/Bias_ASIImg_frame0001.fit", root=real_data
+    )
+    assert bias.meta.kind == "bias" and bias.meta.sources["kind"] == "filename"
+    assert bias.meta.exptime == pytest.approx(6.4e-5)
+    assert bias.meta.bayer == "GRBG"
+    dark = read_frame(
+        real_data / "asi120-calibration/dark-30s/Dark_ASIImg_30sec_frame0001.fit", root=real_data
+    )
+    assert dark.meta.kind == "dark" and dark.meta.exptime == pytest.approx(30.0)
+    osc = read_frame(real_data / "als-m27-osc/Light_1069.fits", root=real_data)
+    assert osc.meta.kind == "light" and osc.meta.sources["kind"] == "header:FRAME"
+    assert osc.meta.bayer == "RGGB" and osc.data.shape == (976, 1304)
+    mono = read_frame(real_data / "jocular-arp186/L_1.fit", root=real_data)
+    assert mono.meta.kind == "light" and mono.meta.exptime == pytest.approx(20.0)
+    assert mono.meta.bayer is None and mono.data.dtype == np.float32
+    assert 0 < float(np.median(mono.data)) < 65535
+
+
+def test_an_unknown_declared_type_is_not_guessed() -> None:
+    header = fits.Header()
+    header["IMAGETYP"] = "Test Pattern"
+    meta = normalise_header(header, Path("/c/light_0001.fits"), root=Path("/c"))
+    assert meta.kind == "unknown"
+    assert meta.sources["kind"] == "header:IMAGETYP=Test Pattern"

@@ -1,0 +1,89 @@
+"""The scanner hands out complete files once, in capture order, and ignores what is not ours."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from subwatch.config import WatchConfig
+from subwatch.service.scanner import Scanner
+
+
+def _fits(value: int = 0) -> bytes:
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.full((20, 30), value, np.uint16)).writeto(buf)
+    return buf.getvalue()
+
+
+def _cfg(**kw: object) -> WatchConfig:
+    base = {"settle_seconds": 1.0, "incomplete_timeout_seconds": 5.0}
+    base.update(kw)
+    return WatchConfig.model_validate(base)
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_ready_files_in_mtime_order_once(tmp_path: Path) -> None:
+    for i, name in enumerate(["c.fits", "a.fits", "b.fit"]):
+        (tmp_path / name).write_bytes(_fits(i))
+        _age(tmp_path / name, 100 - i)
+    scanner = Scanner(tmp_path, _cfg())
+    got = scanner.poll()
+    assert [c.path.name for c in got] == ["c.fits", "a.fits", "b.fit"]
+    assert all(c.state == "ready" for c in got)
+    assert scanner.poll() == []  # handed out once
+    (tmp_path / "a.fits").write_bytes(_fits(9))  # rewritten: a new version is reported
+    _age(tmp_path / "a.fits", 10)
+    assert [c.path.name for c in scanner.poll()] == ["a.fits"]
+
+
+def test_fresh_and_partial_files_wait(tmp_path: Path) -> None:
+    payload = _fits()
+    (tmp_path / "fresh.fits").write_bytes(payload)  # mtime now: not settled
+    (tmp_path / "partial.fits").write_bytes(payload[:3000])
+    _age(tmp_path / "partial.fits", 50)
+    scanner = Scanner(tmp_path, _cfg())
+    now = time.time()
+    assert scanner.poll(now) == []
+    assert {p.name for p in scanner.pending} == {"fresh.fits", "partial.fits"}
+    # Still short after the timeout of our own watching: truncated, reported once.
+    later = scanner.poll(now + 6.0)
+    states = {c.path.name: c.state for c in later}
+    assert states == {"fresh.fits": "ready", "partial.fits": "truncated"}
+
+
+def test_final_pass_reports_partial_files_at_once(tmp_path: Path) -> None:
+    (tmp_path / "partial.fits").write_bytes(_fits()[:3000])
+    got = Scanner(tmp_path, _cfg()).poll(final=True)
+    assert [(c.path.name, c.state) for c in got] == [("partial.fits", "truncated")]
+
+
+def test_ignored_names_and_own_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "M42").mkdir(parents=True)
+    names = [".hidden.fits", "~lock.fits", "x.fits.tmp", "y.part", "notes.txt", "ok.FITS"]
+    for name in names:
+        (tmp_path / name).write_bytes(_fits())
+    (out / "M42" / "stack.fits").write_bytes(_fits())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep.fts").write_bytes(_fits())
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            _age(p, 30)
+    got = Scanner(tmp_path, _cfg(), exclude=[out]).poll()
+    assert sorted(c.path.name for c in got) == ["deep.fts", "ok.FITS"]
+    flat = Scanner(tmp_path, _cfg(recursive=False), exclude=[out]).poll()
+    assert [c.path.name for c in flat] == ["ok.FITS"]
+
+
+def test_a_vanished_watch_folder_is_survived(tmp_path: Path) -> None:
+    scanner = Scanner(tmp_path / "unplugged", _cfg())
+    assert scanner.poll() == []
