@@ -16,5 +16,7 @@ def test_ruff_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (it comes with the test extra)")
-    proc = subprocess.run([ruff, "check", "daemon", "tests"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [ruff, "check", "daemon", "tests"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
