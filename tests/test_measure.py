@@ -83,3 +83,15 @@ def test_snr_grows_with_signal() -> None:
     bright = measure_frame(render_gaussian_stars((600, 800), xy, flux * 4, 3.0, seed=1))
     assert faint.snr is not None and bright.snr is not None
     assert bright.snr > 2.5 * faint.snr
+
+
+def test_snr_falls_under_clouds() -> None:
+    """Clouds erase faint stars; the SNR of the brightest must still fall, not rise."""
+    xy, flux = _field(n=250)
+    clear = measure_frame(render_gaussian_stars((600, 800), xy, flux, 3.0, seed=4))
+    cloudy = measure_frame(
+        render_gaussian_stars((600, 800), xy, flux * 0.3, 3.0, background=2000.0, seed=4)
+    )
+    assert cloudy.n_stars < 0.8 * clear.n_stars
+    assert clear.snr is not None and cloudy.snr is not None
+    assert cloudy.snr < 0.5 * clear.snr

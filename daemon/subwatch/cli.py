@@ -193,7 +193,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from subwatch.service.demo import run_demo
     from subwatch.service.logs import setup_logging
 
-    setup_logging("INFO", "text")
+    setup_logging("WARNING", "text")  # the demo prints its own progress
     stop = threading.Event()
     _install_signals(stop)
     return run_demo(

@@ -1,10 +1,12 @@
 """The numbers that describe one sub: background, noise, stars, FWHM, roundness, SNR, gradient.
 
 These are what the quality gates judge and what ``frames.jsonl`` and the dashboards show. SNR
-here is the background-limited signal-to-noise of a typical star: the median, over unsaturated
-stars detected at SNR >= 10, of aperture flux / (noise x sqrt(aperture pixels)). It is cheap,
-needs no gain in e-/ADU (which headers rarely give), falls with clouds, haze and bad focus, and
-grows as sqrt(N) in a stack, which is what a live stack must show.
+here is the background-limited signal-to-noise of the brightest unsaturated stars: the median,
+over the ``SNR_STARS`` unsaturated stars of highest flux, of aperture flux / (noise x
+sqrt(aperture pixels)). Taking a fixed number of the brightest, rather than every detected star,
+matters: clouds erase the faint stars first, and a median over the survivors would *rise*.
+It is cheap, needs no gain in e-/ADU (which headers rarely give), falls with clouds, haze and
+bad focus, and grows as sqrt(N) in a stack, which is what a live stack must show.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 
 from subwatch.measure.background import Background, Gradient, estimate_background, measure_gradient
 from subwatch.measure.stars import StarList, detect_stars
+
+SNR_STARS = 25
 
 
 @dataclass
@@ -72,8 +76,17 @@ def measure_frame(
         stars=stars,
         fwhm=fwhm,
         eccentricity=float(np.median(stars.eccentricity[good])) if good.any() else None,
-        snr=float(np.median(stars.snr[good])) if good.any() else None,
+        snr=bright_star_snr(stars),
     )
+
+
+def bright_star_snr(stars: StarList, count: int = SNR_STARS) -> float | None:
+    """Median SNR of the ``count`` unsaturated stars of highest flux (see the module doc)."""
+    unsat = np.flatnonzero(~stars.saturated)
+    if unsat.size == 0:
+        return None
+    brightest = unsat[np.argsort(-stars.flux[unsat])[:count]]
+    return float(np.median(stars.snr[brightest]))
 
 
 def _shape_sample(stars: StarList) -> np.ndarray:
