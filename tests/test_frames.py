@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from subwatch.frames import FrameReadError, IncompleteFrame, expected_fits_size, read_frame
-from subwatch.frames.fitsio import check_complete
+from subwatch.frames import (
+    FrameReadError,
+    IncompleteFrame,
+    check_complete,
+    expected_fits_size,
+    read_frame,
+)
 from subwatch.frames.meta import normalise_header
 from subwatch.frames.outputs import JsonlWriter
 
@@ -160,3 +165,64 @@ def test_an_unknown_declared_type_is_not_guessed() -> None:
     meta = normalise_header(header, Path("/c/light_0001.fits"), root=Path("/c"))
     assert meta.kind == "unknown"
     assert meta.sources["kind"] == "header:IMAGETYP=Test Pattern"
+
+
+def test_tile_compressed_fits(tmp_path: Path) -> None:
+    data = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) % 3000) + 500
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data)])
+    hdul[1].header["IMAGETYP"] = "Light Frame"
+    hdul[1].header["EXPTIME"] = 30.0
+    path = tmp_path / "light.fits.fz"
+    hdul.writeto(path)
+    frame = read_frame(path)
+    assert frame.meta.kind == "light" and frame.meta.exptime == 30.0
+    np.testing.assert_array_equal(frame.data, data.astype(np.float32))
+    partial = tmp_path / "partial.fits.fz"
+    partial.write_bytes(path.read_bytes()[: 2880 + 100])
+    with pytest.raises(IncompleteFrame):
+        check_complete(partial)
+
+
+def test_xisf_with_fits_keywords(tmp_path: Path) -> None:
+    import xisf
+
+    data = np.random.default_rng(0).integers(400, 3000, (40, 56)).astype(np.uint16)
+    keywords = {
+        "IMAGETYP": [{"value": "Light Frame", "comment": ""}],
+        "EXPTIME": [{"value": "120", "comment": "s"}],
+        "FILTER": [{"value": "Ha", "comment": ""}],
+        "OBJECT": [{"value": "NGC 7000", "comment": ""}],
+    }
+    path = tmp_path / "light.xisf"
+    xisf.XISF.write(str(path), data[:, :, None], image_metadata={"FITSKeywords": keywords})
+    frame = read_frame(path)
+    assert frame.meta.kind == "light" and frame.meta.exptime == 120.0
+    assert frame.meta.filter == "Ha" and frame.meta.target == "NGC 7000"
+    np.testing.assert_array_equal(frame.data, data.astype(np.float32))
+    partial = tmp_path / "partial.xisf"
+    partial.write_bytes(path.read_bytes()[:-500])
+    with pytest.raises(IncompleteFrame):
+        check_complete(partial)
+
+
+def test_tiff_mono_and_rgb(tmp_path: Path) -> None:
+    import tifffile
+
+    mono = np.random.default_rng(1).integers(0, 60000, (30, 40)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "Light_0001.tif", mono)
+    frame = read_frame(tmp_path / "Light_0001.tif", root=tmp_path)
+    assert frame.meta.kind == "light" and frame.meta.sources["kind"] == "filename"
+    np.testing.assert_array_equal(frame.data, mono.astype(np.float32))
+    rgb = np.random.default_rng(2).integers(0, 60000, (30, 40, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "rgb.tiff", rgb)
+    assert read_frame(tmp_path / "rgb.tiff").data.shape == (30, 40, 3)
+    (tmp_path / "short.tif").write_bytes((tmp_path / "Light_0001.tif").read_bytes()[:-300])
+    with pytest.raises(IncompleteFrame):
+        check_complete(tmp_path / "short.tif")
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    (tmp_path / "x.cr2").write_bytes(b"\0" * 100)
+    with pytest.raises(FrameReadError) as err:
+        read_frame(tmp_path / "x.cr2")
+    assert err.value.reason == "unsupported format"

@@ -27,7 +27,6 @@ from subwatch.frames.meta import FrameMeta, normalise_header
 
 BLOCK = 2880
 CARD = 80
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.fz", ".fit.fz")
 
 
 class FrameReadError(Exception):
@@ -157,16 +156,23 @@ def expected_fits_size(path: Path, *, max_dimension: int | None = None) -> int:
     return offset
 
 
-def _check_header_dimensions(cards: dict[str, str], max_dimension: int) -> None:
+def refuse_oversized(width: int, height: int, max_dimension: int | None) -> None:
     """Refuse a promised image larger than ``max_dimension`` a side before waiting or reading."""
+    if max_dimension is not None and max(width, height) > max_dimension:
+        raise FrameReadError(
+            "absurd dimensions", f"{width}x{height} exceeds {max_dimension} px a side"
+        )
+
+
+def _check_header_dimensions(cards: dict[str, str], max_dimension: int) -> None:
     naxis = _int_card(cards, "NAXIS", 0)
-    for i in (1, 2):
-        if naxis >= i and _int_card(cards, f"NAXIS{i}", 0) > max_dimension:
-            axes = "x".join(cards.get(f"NAXIS{j}", "?") for j in range(1, naxis + 1))
-            raise FrameReadError("absurd dimensions", f"{axes} exceeds {max_dimension} px a side")
+    if naxis >= 2:
+        refuse_oversized(
+            _int_card(cards, "NAXIS1", 0), _int_card(cards, "NAXIS2", 0), max_dimension
+        )
 
 
-def check_complete(path: Path, max_dimension: int | None = None) -> int:
+def check_fits_complete(path: Path, max_dimension: int | None = None) -> int:
     """Raise ``IncompleteFrame`` if the file is shorter than its headers promise; else its size."""
     need = expected_fits_size(path, max_dimension=max_dimension)
     have = Path(path).stat().st_size
@@ -195,7 +201,7 @@ def _repair(hdu: fits.hdu.base._BaseHDU) -> list[str]:
     return notes
 
 
-def read_frame(path: Path, *, max_dimension: int = 20000, root: Path | None = None) -> LoadedFrame:
+def read_fits(path: Path, *, max_dimension: int = 20000, root: Path | None = None) -> LoadedFrame:
     """Read the first image of a FITS file as float32, refusing what cannot be a sub.
 
     ``root`` is the watch folder; folder names under it are used as hints for the metadata.
@@ -203,7 +209,7 @@ def read_frame(path: Path, *, max_dimension: int = 20000, root: Path | None = No
     path = Path(path)
     if not path.exists():
         raise FrameReadError("missing", str(path))
-    check_complete(path, max_dimension)
+    check_fits_complete(path, max_dimension)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", VerifyWarning)
@@ -223,7 +229,10 @@ def read_frame(path: Path, *, max_dimension: int = 20000, root: Path | None = No
         raise FrameReadError("unreadable", f"{type(exc).__name__}: {exc}") from exc
     if data is None:
         raise FrameReadError("no image", "empty data")
-    image, bad = _to_float_image(np.asarray(data))
+    planes = np.asarray(data)
+    if planes.ndim == 3:  # FITS cubes are (planes, rows, cols); we work channel-last
+        planes = planes[0] if planes.shape[0] == 1 else np.moveaxis(planes, 0, -1)
+    image, bad = _to_float_image(planes)
     meta = normalise_header(header, path, root=root, shape=image.shape)
     if bad:
         notes.append(f"{bad} NaN/Inf pixels replaced")
@@ -245,10 +254,7 @@ def _check_dimensions(shape: tuple[int, ...], max_dimension: int) -> None:
 
 def _to_float_image(data: np.ndarray) -> tuple[np.ndarray, int]:
     """float32 (H, W) or (H, W, 3); NaN/Inf replaced by the median so nothing propagates."""
-    arr = data.astype(np.float32, copy=False)
-    if arr.ndim == 3:
-        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
-    arr = np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(data, dtype=np.float32)
     finite = np.isfinite(arr)
     bad = int(arr.size - np.count_nonzero(finite))
     if bad:

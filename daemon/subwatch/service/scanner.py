@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from subwatch.config import WatchConfig
-from subwatch.frames.fitsio import FITS_SUFFIXES, FrameReadError, IncompleteFrame, check_complete
+from subwatch.frames import SUPPORTED_SUFFIXES, FrameReadError, IncompleteFrame, check_complete
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Scanner:
     def _check(
         self, path: Path, size: int, mtime: float, observed: float, final: bool
     ) -> Candidate | None:
-        if not path.name.lower().endswith(FITS_SUFFIXES):
+        if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
             return Candidate(path, size, mtime, "unreadable", "unsupported format")
         try:
             check_complete(path, self.max_dimension)
