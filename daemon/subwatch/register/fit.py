@@ -8,14 +8,16 @@
    ones), plus a seeded random sample of the rest, map the sub's bright stars into the
    reference; a hypothesis scores the number of distinct reference stars it lands within
    ``1.5 * match_radius`` px of.
-3. The best distinct hypotheses are refined, until three distinct answers are found: match
-   ALL stars by mutual nearest neighbour within ``match_radius`` px, least-squares fit on every
-   pair (similarity first, then the affine model if asked), clip residual outliers, re-match,
-   until the pairs stop changing.
+3. The best distinct hypotheses are refined, until three distinct answers are found (a
+   hypothesis whose own triangle an answer already explains is skipped): match ALL stars by
+   mutual nearest neighbour within ``match_radius`` px, least-squares fit on every pair
+   (similarity first, then the affine model if asked), clip residual outliers, re-match, until
+   the pairs stop changing.
 4. Hot pixels sit at identical coordinates in both lists and so vote for the identity. A
-   dither smaller than the match radius lets refinement pair them along with the stars, and the
-   fit would land in between; pairs better explained by the identity are split off and kept
-   out when the transform without them moves them clearly further than the noise.
+   dither smaller than (or near) the match radius lets refinement pair them along with the
+   stars, and the fit would land in between. If the pairs better explained by the identity are
+   clearly (4 sigma) inconsistent with the transform fitted without them, they are a fixed
+   pattern: those sub points are excluded and the refinement is run again.
 5. Among the refined candidates the winner explains the most flux-weighted pairs (weights
    ``log(1 + flux / median)``), or without fluxes the most pairs among the bright stars used
    for asterisms; then most pairs; then lowest RMS. Supplying fluxes keeps faint point-like
@@ -63,12 +65,13 @@ MAX_REFINEMENTS = 8
 #: Runners-up are refined only if they reach this fraction of the leader's consensus count.
 RUNNER_UP_FRACTION = 0.25
 #: Refinement iterations per model stage.
-MAX_ITERATIONS = 10
+MAX_ITERATIONS = 20
 #: Residual clipping: pairs beyond CLIP_SIGMA Gaussian sigmas (estimated robustly from the
 #: median radial residual, corrected for the parameters the fit absorbed) are dropped, but never
-#: those closer than CLIP_FLOOR px.
+#: those closer than CLIP_FLOOR px; at most CLIP_ROUNDS rounds per fit.
 CLIP_SIGMA = 5.0
 CLIP_FLOOR = 0.25
+CLIP_ROUNDS = 5
 #: Median of a Rayleigh distribution in units of its per-axis sigma.
 _RAYLEIGH_MEDIAN = float(np.sqrt(2.0 * np.log(2.0)))
 #: Minimum number of pairs a model needs to be determined.
@@ -191,17 +194,25 @@ def _fit(model: str, src: np.ndarray, dst: np.ndarray, w: np.ndarray | None) -> 
 def _robust_fit(
     model: str, src: np.ndarray, dst: np.ndarray, w: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares fit, one round of clipping residual outliers, refit. Returns (M, keep)."""
+    """Least-squares fit with iterated clipping of residual outliers. Returns (M, keep).
+
+    The scale is estimated from the median radial residual of the kept pairs (Rayleigh
+    statistics, corrected for the parameters the fit absorbs); pairs beyond ``CLIP_SIGMA`` of
+    it, and beyond ``CLIP_FLOOR`` px, are dropped and the fit repeated until nothing changes.
+    """
+    keep = np.ones(len(src), dtype=bool)
     m = _fit(model, src, dst, w)
-    r = np.hypot(*(apply_transform(m, src) - dst).T)
-    n = len(r)
-    dof = 2 * n - _N_PARAMS[model]
-    sigma = float(np.median(r)) / _RAYLEIGH_MEDIAN * np.sqrt(2 * n / max(dof, 1))
-    keep = r <= max(CLIP_SIGMA * sigma, CLIP_FLOOR)
-    if not keep.all() and keep.sum() >= max(_MIN_POINTS[model], 3):
+    min_points = max(_MIN_POINTS[model], 3)
+    for _ in range(CLIP_ROUNDS):
+        r = np.hypot(*(apply_transform(m, src) - dst).T)
+        n = int(keep.sum())
+        dof = max(2 * n - _N_PARAMS[model], 1)
+        sigma = float(np.median(r[keep])) / _RAYLEIGH_MEDIAN * np.sqrt(2 * n / dof)
+        new_keep = r <= max(CLIP_SIGMA * sigma, CLIP_FLOOR)
+        if new_keep.sum() < min_points or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
         m = _fit(model, src[keep], dst[keep], None if w is None else w[keep])
-    else:
-        keep = np.ones(len(src), dtype=bool)
     return m, keep
 
 

@@ -8,11 +8,11 @@ Shapes: a 2D image ``(H, W)`` or a channel-last image ``(H, W, C)`` (e.g. debaye
 first ``(C, H, W)`` data must be transposed by the caller (``np.moveaxis(img, 0, -1)``): the shape
 alone cannot tell a 3-row image from three channels. Output is float32, outside the sub is 0.
 
-Coverage: an array of ones warped with bilinear interpolation, in [0, 1]. 1 means the output
-pixel is fully inside the sub; values in (0, ~0.999) mark the one-pixel rim that is partially
-covered; 0 is outside. Lanczos (8x8 taps) also reads up to 3 px beyond the sub's edge, where the
-border is 0, so the outermost ~3 covered pixels are slightly attenuated; a stacker that wants
-edge-exact pixels should erode the coverage by a few px for ``lanczos`` (1 px for ``cubic``).
+Coverage: an array of ones warped with bilinear interpolation, in [0, 1], then eroded by the
+interpolation kernel's reach (4 px for ``lanczos``, 2 px for ``cubic``): Lanczos and cubic read
+past the sub's edge, where the border is 0, so the pixels just inside it are biased (on a flat
+image the first one by -5 % to +13 %). After the erosion, 1 means the output pixel is fully and
+exactly computed from the sub; values below 1 mark the rim; 0 is outside.
 
 OpenCV quantises sub-pixel sample positions to 1/32 px in ``warpAffine``, i.e. at most
 1/64 px (0.016 px) of positional error, well below seeing-limited star sizes. Lanczos and
@@ -34,6 +34,9 @@ INTERPOLATIONS = {
     "linear": cv2.INTER_LINEAR,
 }
 
+#: How far past a pixel each interpolator reads, px: the rim of coverage it cannot compute.
+_KERNEL_REACH = {"lanczos": 4, "cubic": 2, "linear": 0}
+
 #: OpenCV's remap handles at most this many channels at once; more are warped in groups.
 _CV_MAX_CHANNELS = 4
 
@@ -43,6 +46,27 @@ def _warp(img: np.ndarray, m: np.ndarray, size: tuple[int, int], flags: int) -> 
     if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a trailing singleton channel
         out = out[:, :, None]
     return out
+
+
+def _coverage(
+    src_shape: tuple[int, int], m: np.ndarray, out_shape: tuple[int, int], reach: int
+) -> np.ndarray:
+    """Bilinear coverage of the sub on the output grid, eroded by the interpolator's reach.
+
+    The erosion must also see the output's own edge: an output pixel on the frame border whose
+    kernel reaches past the sub's edge is as biased as one in the middle of the frame. So the
+    coverage is computed on the output grid padded by ``reach`` px, eroded, then cropped.
+    """
+    h, w = out_shape
+    shifted = m.copy()
+    shifted[:, 2] += reach
+    ones = np.ones(src_shape, dtype=np.float32)
+    cov = _warp(ones, shifted, (w + 2 * reach, h + 2 * reach), cv2.INTER_LINEAR)
+    np.clip(cov, 0.0, 1.0, out=cov)
+    cov[cov > 1.0 - 1e-5] = 1.0
+    if reach:
+        cov = cv2.erode(cov, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+    return np.ascontiguousarray(cov[reach : reach + h, reach : reach + w])
 
 
 def warp_image(
@@ -80,8 +104,5 @@ def warp_image(
             for c in range(0, img.shape[2], _CV_MAX_CHANNELS)
         ]
         warped = np.concatenate(parts, axis=2)
-    ones = np.ones(img.shape[:2], dtype=np.float32)
-    coverage = _warp(ones, m, size, cv2.INTER_LINEAR)
-    coverage = np.clip(coverage, 0.0, 1.0)
-    coverage[coverage > 1.0 - 1e-5] = 1.0
+    coverage = _coverage(img.shape[:2], m, (h, w), _KERNEL_REACH[interpolation])
     return warped.astype(np.float32, copy=False), coverage.astype(np.float32, copy=False)
