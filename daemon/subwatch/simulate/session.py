@@ -8,7 +8,6 @@ the lights, optionally at a real-time cadence and streamed into place like a cap
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,21 +25,42 @@ import cv2
 import numpy as np
 from astropy.io import fits
 
+from subwatch.frames.outputs import write_fits_atomic, write_json_atomic
 from subwatch.simulate import bands, fitswrite, night, sensor, sky
 
 # Flat exposures per filter: a panel is bright, narrowband filters pass little of it.
-FLAT_EXPTIME = {"L": 1.0, "R": 2.0, "G": 2.0, "B": 2.5, "Ha": 8.0, "OIII": 8.0, "SII": 8.0,
-                "OSC": 1.5}
+FLAT_EXPTIME = {
+    "L": 1.0,
+    "R": 2.0,
+    "G": 2.0,
+    "B": 2.5,
+    "Ha": 8.0,
+    "OIII": 8.0,
+    "SII": 8.0,
+    "OSC": 1.5,
+}
 OSC_LABEL = "OSC"
 
 # Approximate J2000 positions, so RA/DEC headers look like the target's.
 TARGETS = {
-    "M42": (83.8221, -5.3911), "M31": (10.6847, 41.2692), "M33": (23.4621, 30.6599),
-    "M45": (56.75, 24.1167), "M27": (299.9016, 22.7211), "M51": (202.4696, 47.1952),
-    "M81": (148.8882, 69.0653), "M101": (210.8023, 54.349), "M1": (83.6331, 22.0145),
-    "M8": (270.9042, -24.3867), "M16": (274.7, -13.8067), "M20": (270.6208, -22.9717),
-    "M57": (283.3963, 33.0292), "NGC7000": (314.6833, 44.3167), "IC1396": (324.7458, 57.4833),
-    "NGC2237": (97.9833, 4.95), "IC434": (85.2458, -2.4583), "NGC6960": (311.4, 30.7167),
+    "M42": (83.8221, -5.3911),
+    "M31": (10.6847, 41.2692),
+    "M33": (23.4621, 30.6599),
+    "M45": (56.75, 24.1167),
+    "M27": (299.9016, 22.7211),
+    "M51": (202.4696, 47.1952),
+    "M81": (148.8882, 69.0653),
+    "M101": (210.8023, 54.349),
+    "M1": (83.6331, 22.0145),
+    "M8": (270.9042, -24.3867),
+    "M16": (274.7, -13.8067),
+    "M20": (270.6208, -22.9717),
+    "M57": (283.3963, 33.0292),
+    "NGC7000": (314.6833, 44.3167),
+    "IC1396": (324.7458, 57.4833),
+    "NGC2237": (97.9833, 4.95),
+    "IC434": (85.2458, -2.4583),
+    "NGC6960": (311.4, 30.7167),
 }
 
 
@@ -130,9 +150,16 @@ class Simulation:
         self.centre = ((o.width - 1) / 2.0, (o.height - 1) / 2.0)
 
         self.camera = sensor.make_camera(
-            o.seed, o.width, o.height, gain=o.gain, read_noise_e=o.read_noise_e,
-            bias_adu=o.bias_adu, full_well=o.full_well, dark_e_per_s=o.dark_e_per_s,
-            osc=o.osc, bayer=o.bayer,
+            o.seed,
+            o.width,
+            o.height,
+            gain=o.gain,
+            read_noise_e=o.read_noise_e,
+            bias_adu=o.bias_adu,
+            full_well=o.full_well,
+            dark_e_per_s=o.dark_e_per_s,
+            osc=o.osc,
+            bayer=o.bayer,
         )
         # Fill the camera's caches now: frames are later rendered on several threads.
         self.sites = self.camera.sites() if o.osc else None
@@ -142,12 +169,17 @@ class Simulation:
         scene_rng = np.random.default_rng([o.seed, 10])
         # The sky must cover every frame: a dither, a small rotation about the centre and a
         # 180-degree flip (which maps the frame onto itself) move a corner by at most this.
-        margin = (o.dither_px * math.sqrt(2.0)
-                  + math.hypot(o.width, o.height) / 2.0 * math.sin(math.radians(o.max_rotation_deg))
-                  + 24.0)
+        margin = (
+            o.dither_px * math.sqrt(2.0)
+            + math.hypot(o.width, o.height) / 2.0 * math.sin(math.radians(o.max_rotation_deg))
+            + 24.0
+        )
         self.sky_bounds = (-margin, -margin, o.width - 1 + margin, o.height - 1 + margin)
         self.stars = sky.make_starfield(
-            scene_rng, self.sky_bounds, o.star_density, o.star_min_e_per_s,
+            scene_rng,
+            self.sky_bounds,
+            o.star_density,
+            o.star_min_e_per_s,
             max_rate=8000.0 * o.full_well / o.exptime,
         )
         self.nebula = sky.make_nebula(
@@ -158,10 +190,19 @@ class Simulation:
 
         labels = night.filter_sequence(tuple(self.labels_used), o.lights, o.filter_order)
         self.plans = night.plan_night(
-            seed=o.seed, n_lights=o.lights, width=o.width, height=o.height, labels=labels,
-            osc=o.osc, exptime=o.exptime, temperature=o.temperature,
-            start=datetime.fromisoformat(o.night_start), flip_at=o.meridian_flip_at,
-            defects=o.defects, dither_px=o.dither_px, max_rotation_deg=o.max_rotation_deg,
+            seed=o.seed,
+            n_lights=o.lights,
+            width=o.width,
+            height=o.height,
+            labels=labels,
+            osc=o.osc,
+            exptime=o.exptime,
+            temperature=o.temperature,
+            start=datetime.fromisoformat(o.night_start),
+            flip_at=o.meridian_flip_at,
+            defects=o.defects,
+            dither_px=o.dither_px,
+            max_rotation_deg=o.max_rotation_deg,
             seeing=o.seeing,
         )
         self.ra, self.dec = self._coordinates(o.target)
@@ -226,14 +267,21 @@ class Simulation:
             level = self.opts.sky_e_per_s * t * plan.sky_drift * plan.sky_factor
             for p, r in enumerate(resp):
                 out[p] += sky.sky_glow(
-                    self.shape, level * float(bands.SKY_SPECTRUM @ r), plan.sky_angle_rad,
-                    self.sky_tilt, self.sky_curvature,
+                    self.shape,
+                    level * float(bands.SKY_SPECTRUM @ r),
+                    plan.sky_angle_rad,
+                    self.sky_tilt,
+                    self.sky_curvature,
                 )
         if transients:
             for defect in plan.defects:
                 if defect["type"] == "trail":
-                    line = sky.trail_image(self.shape, (defect["x0"], defect["y0"]),
-                                           (defect["x1"], defect["y1"]), defect["width"])
+                    line = sky.trail_image(
+                        self.shape,
+                        (defect["x0"], defect["y0"]),
+                        (defect["x1"], defect["y1"]),
+                        defect["width"],
+                    )
                     for p, r in enumerate(resp):
                         amplitude = defect["peak_e"] * float(bands.NEUTRAL_SPECTRUM @ r)
                         out[p] += line * np.float32(amplitude)
@@ -271,7 +319,10 @@ class Simulation:
         plan = self.plans[index]
         rng = np.random.default_rng([self.opts.seed, 50, index])
         return self.camera.expose(
-            self.light_expected(index), self.opts.exptime, plan.ccd_temp, rng,
+            self.light_expected(index),
+            self.opts.exptime,
+            plan.ccd_temp,
+            rng,
             extra_e=self.cosmic_rays(index),
         )
 
@@ -281,8 +332,9 @@ class Simulation:
         illum = self.camera.illumination(label)
         if not self.opts.osc:
             return level * illum
-        site = np.array([float(bands.PANEL_SPECTRUM @ bands.responses(k, osc=True))
-                         for k in range(3)])
+        site = np.array(
+            [float(bands.PANEL_SPECTRUM @ bands.responses(k, osc=True)) for k in range(3)]
+        )
         site = site / site.max()
         return level * illum * site[self.sites].astype(np.float32)
 
@@ -294,8 +346,12 @@ class Simulation:
         if kind == "dark":
             return self.camera.expose(None, item["exptime"], item["ccd_temp"], rng)
         flicker = float(rng.normal(1.0, 0.005))
-        return self.camera.expose(self.flat_expected(item["label"]) * np.float32(flicker),
-                                  item["exptime"], item["ccd_temp"], rng)
+        return self.camera.expose(
+            self.flat_expected(item["label"]) * np.float32(flicker),
+            item["exptime"],
+            item["ccd_temp"],
+            rng,
+        )
 
     # ----------------------------------------------------------------- plans and truth
     def _plan_calibration(self) -> list[dict[str, Any]]:
@@ -307,8 +363,16 @@ class Simulation:
         def add(kind: str, path: str, exptime: float, label: str | None) -> None:
             nonlocal clock
             temp = round(o.temperature + float(self._cal_rng.normal(0.0, 0.1)), 1)
-            items.append({"kind": kind, "file": path, "exptime": exptime, "start": clock,
-                          "ccd_temp": temp, "label": label})
+            items.append(
+                {
+                    "kind": kind,
+                    "file": path,
+                    "exptime": exptime,
+                    "start": clock,
+                    "ccd_temp": temp,
+                    "label": label,
+                }
+            )
             clock += timedelta(seconds=exptime + float(self._cal_rng.uniform(1.0, 3.0)))
 
         for k in range(o.n_bias):
@@ -323,8 +387,16 @@ class Simulation:
                 add("flat", path, FLAT_EXPTIME.get(label, 2.0), label)
         return items
 
-    def header_for(self, kind: str, *, exptime: float, start: datetime, ccd_temp: float,
-                   label: str | None = None, plan: night.LightPlan | None = None) -> fits.Header:
+    def header_for(
+        self,
+        kind: str,
+        *,
+        exptime: float,
+        start: datetime,
+        ccd_temp: float,
+        label: str | None = None,
+        plan: night.LightPlan | None = None,
+    ) -> fits.Header:
         o = self.opts
         ra = dec = None
         pierside = None
@@ -334,12 +406,23 @@ class Simulation:
             ra = (self.ra - plan.dx * scale / max(math.cos(math.radians(self.dec)), 0.05)) % 360
             pierside = "East" if plan.flipped else "West"
         return fitswrite.frame_header(
-            kind, exptime=exptime, start=start, ccd_temp=ccd_temp, set_temp=o.temperature,
-            gain_setting=o.gain_setting, offset_setting=o.offset_setting, egain=o.gain,
+            kind,
+            exptime=exptime,
+            start=start,
+            ccd_temp=ccd_temp,
+            set_temp=o.temperature,
+            gain_setting=o.gain_setting,
+            offset_setting=o.offset_setting,
+            egain=o.gain,
             instrument="ZWO ASI2600MC Pro" if o.osc else "ZWO ASI2600MM Pro",
-            pixel_um=o.pixel_um, focal_mm=o.focal_mm, telescope="106 mm f/5 refractor",
-            filter_name=None if o.osc else label, target=o.target if plan else None,
-            ra_deg=ra, dec_deg=dec, pierside=pierside,
+            pixel_um=o.pixel_um,
+            focal_mm=o.focal_mm,
+            telescope="106 mm f/5 refractor",
+            filter_name=None if o.osc else label,
+            target=o.target if plan else None,
+            ra_deg=ra,
+            dec_deg=dec,
+            pierside=pierside,
             bayer=o.bayer.upper() if o.osc else None,
         )
 
@@ -358,8 +441,12 @@ class Simulation:
         xs, ys = x[inside], y[inside]
         rows = []
         for k in order:
-            row = {"x": round(float(xs[k]), 4), "y": round(float(ys[k]), 4),
-                   "flux": round(float(flux[k]), 2), "peak": round(float(peak[k]), 2)}
+            row = {
+                "x": round(float(xs[k]), 4),
+                "y": round(float(ys[k]), 4),
+                "flux": round(float(flux[k]), 2),
+                "peak": round(float(peak[k]), 2),
+            }
             if self.opts.osc:
                 row["rgb"] = [round(float(v), 2) for v in per_plane[:, k]]
             rows.append(row)
@@ -399,8 +486,9 @@ class Simulation:
                 cal["flat_exptime"][item["label"]] = item["exptime"]
             else:
                 cal["bias" if item["kind"] == "bias" else "darks"].append(item["file"])
-        dark_now = o.dark_e_per_s * 2.0 ** ((o.temperature - sensor.DARK_REFERENCE_TEMP)
-                                            / sensor.DARK_DOUBLING_C)
+        dark_now = o.dark_e_per_s * 2.0 ** (
+            (o.temperature - sensor.DARK_REFERENCE_TEMP) / sensor.DARK_DOUBLING_C
+        )
         return {
             "generator": fitswrite.SOFTWARE,
             "seed": o.seed,
@@ -438,12 +526,6 @@ class Simulation:
         }
 
 
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def _write_truth_sky(path: Path, sim: Simulation) -> None:
     signal = sim.light_signal(0, transients=False)
     data = signal if sim.opts.osc else signal[0]
@@ -457,9 +539,7 @@ def _write_truth_sky(path: Path, sim: Simulation) -> None:
     if sim.opts.osc:
         header["COMMENT"] = "Planes: R, G, B Bayer-site responses."
     header["SWCREATE"] = fitswrite.SOFTWARE
-    tmp = path.with_name(path.name + ".tmp")
-    fits.PrimaryHDU(data=data.astype(np.float32), header=header).writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
+    write_fits_atomic(path, data, header)
 
 
 @dataclass
@@ -475,17 +555,30 @@ class _Job:
 def _jobs(sim: Simulation, out: Path) -> list[_Job]:
     jobs: list[_Job] = []
     for item in sim.calibration_plan:
+
         def make(item: dict[str, Any] = item) -> bytes:
-            header = sim.header_for(item["kind"], exptime=item["exptime"], start=item["start"],
-                                    ccd_temp=item["ccd_temp"], label=item["label"])
+            header = sim.header_for(
+                item["kind"],
+                exptime=item["exptime"],
+                start=item["start"],
+                ccd_temp=item["ccd_temp"],
+                label=item["label"],
+            )
             return fitswrite.fits_bytes(sim.calibration_frame(item), header)
 
         end = item["start"] + timedelta(seconds=item["exptime"])
         jobs.append(_Job(out / item["file"], None, end, make))
     for plan in sim.plans:
+
         def make_light(plan: night.LightPlan = plan) -> bytes:
-            header = sim.header_for("light", exptime=sim.opts.exptime, start=plan.start,
-                                    ccd_temp=plan.ccd_temp, label=plan.label, plan=plan)
+            header = sim.header_for(
+                "light",
+                exptime=sim.opts.exptime,
+                start=plan.start,
+                ccd_temp=plan.ccd_temp,
+                label=plan.label,
+                plan=plan,
+            )
             return fitswrite.fits_bytes(sim.light_frame(plan.index), header)
 
         end = plan.start + timedelta(seconds=sim.opts.exptime)
@@ -536,7 +629,7 @@ def simulate_session(
     out.mkdir(parents=True, exist_ok=True)
     truth = sim.truth()
     _write_truth_sky(out / "truth_sky.fits", sim)
-    _write_json_atomically(out / "truth.json", truth)
+    write_json_atomic(out / "truth.json", truth)
     live = opts.interval is not None and opts.interval > 0
     workers = max(1, min(2, os.cpu_count() or 1))
 
