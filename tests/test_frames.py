@@ -226,3 +226,26 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
     with pytest.raises(FrameReadError) as err:
         read_frame(tmp_path / "x.cr2")
     assert err.value.reason == "unsupported format"
+
+
+@pytest.mark.parametrize(
+    ("text", "iso"),
+    [
+        ("2022-01-25T20:24:01.452", "2022-01-25T20:24:01.452000"),
+        ("2022-01-25 20:24:01", "2022-01-25T20:24:01"),
+        ("2024-04-16T15:33:10.6230001Z", "2024-04-16T15:33:10.623000"),
+        ("2018-09-07", "2018-09-07T00:00:00"),
+        ("25/01/98", "1998-01-25T00:00:00"),
+    ],
+)
+def test_dates_as_real_headers_write_them(text: str, iso: str) -> None:
+    from subwatch.frames.meta import parse_date
+
+    dt = parse_date(text)
+    assert dt is not None and dt.replace(tzinfo=None).isoformat() == iso
+
+
+def test_garbage_dates_are_none() -> None:
+    from subwatch.frames.meta import parse_date
+
+    assert parse_date("yesterday") is None and parse_date("") is None

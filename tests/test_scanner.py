@@ -87,3 +87,22 @@ def test_ignored_names_and_own_output(tmp_path: Path) -> None:
 def test_a_vanished_watch_folder_is_survived(tmp_path: Path) -> None:
     scanner = Scanner(tmp_path / "unplugged", _cfg())
     assert scanner.poll() == []
+
+
+def test_capture_order_comes_from_the_header_when_mtimes_tie(tmp_path: Path) -> None:
+    """A copied folder: same mtime everywhere; DATE-OBS, then natural names, give the order."""
+    dates = {
+        "L_10.fits": "2022-01-25T20:30:00",
+        "L_2.fits": "2022-01-25T20:20:00",
+        "L_1.fits": "2022-01-25T20:10:00",
+    }
+    for name, date in dates.items():
+        hdu = fits.PrimaryHDU(np.zeros((20, 30), np.uint16))
+        hdu.header["DATE-OBS"] = date
+        hdu.writeto(tmp_path / name)
+    for name in ("x_10.fits", "x_9.fits"):  # no DATE-OBS: natural name order
+        (tmp_path / name).write_bytes(_fits())
+    for p in tmp_path.iterdir():
+        os.utime(p, (1.0e9, 1.0e9))
+    got = [c.path.name for c in Scanner(tmp_path, _cfg()).poll()]
+    assert got == ["x_9.fits", "x_10.fits", "L_1.fits", "L_2.fits", "L_10.fits"]

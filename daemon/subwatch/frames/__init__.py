@@ -18,7 +18,13 @@ from subwatch.frames.fitsio import (
 )
 from subwatch.frames.meta import FrameMeta, normalise_header
 from subwatch.frames.outputs import JsonlWriter, atomic_write_bytes, write_fits_atomic
-from subwatch.frames.reader import SUPPORTED_SUFFIXES, check_complete, frame_format, read_frame
+from subwatch.frames.reader import (
+    SUPPORTED_SUFFIXES,
+    capture_time,
+    check_complete,
+    frame_format,
+    read_frame,
+)
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -28,6 +34,7 @@ __all__ = [
     "JsonlWriter",
     "LoadedFrame",
     "atomic_write_bytes",
+    "capture_time",
     "check_complete",
     "expected_fits_size",
     "frame_format",

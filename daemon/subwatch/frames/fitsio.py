@@ -23,7 +23,7 @@ from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
 from astropy.utils.exceptions import AstropyUserWarning
 
-from subwatch.frames.meta import FrameMeta, normalise_header
+from subwatch.frames.meta import FrameMeta, normalise_header, parse_date
 
 BLOCK = 2880
 CARD = 80
@@ -170,6 +170,27 @@ def _check_header_dimensions(cards: dict[str, str], max_dimension: int) -> None:
         refuse_oversized(
             _int_card(cards, "NAXIS1", 0), _int_card(cards, "NAXIS2", 0), max_dimension
         )
+
+
+def fits_capture_time(path: Path) -> float | None:
+    """DATE-OBS (or DATE-STA, DATE-END) of the primary header as a POSIX time, from one read.
+
+    Copied folders give every file the same mtime; the header still knows the capture order.
+    """
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(BLOCK * 8)
+        parsed = _parse_header_block(raw, 0)
+    except (OSError, FrameReadError):
+        return None
+    if parsed is None:
+        return None
+    cards = parsed[0]
+    for key in ("DATE-OBS", "DATE-STA", "DATE-END", "DATE-BEG"):
+        dt = parse_date(cards.get(key))
+        if dt is not None:
+            return dt.timestamp()
+    return None
 
 
 def check_fits_complete(path: Path, max_dimension: int | None = None) -> int:

@@ -164,17 +164,39 @@ def _exposure_from_name(path: Path) -> float | None:
     return None
 
 
-def _parse_date(text: str | None) -> str | None:
+_OLD_FITS_DATE = re.compile(r"^(\d{2})/(\d{2})/(\d{2})$")  # dd/mm/yy, FITS before 1999
+
+
+def parse_date(text: str | None) -> datetime | None:
+    """A UTC time from the date strings found in real headers, or None.
+
+    Seen in the wild: ISO with ``T`` or a space, a trailing ``Z``, any number of fractional
+    digits (up to 7 from some drivers), a date alone, and the pre-1999 ``dd/mm/yy`` form.
+    """
     if not text:
         return None
-    cleaned = text.strip().replace(" ", "T")
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+    cleaned = text.strip().strip("'").strip().rstrip("Z").replace(" ", "T")
+    old = _OLD_FITS_DATE.match(cleaned)
+    if old:
+        day, month, year = (int(g) for g in old.groups())
         try:
-            dt = datetime.strptime(cleaned.rstrip("Z")[:26], fmt)
-            return dt.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+            return datetime(1900 + year if year >= 50 else 2000 + year, month, day, tzinfo=UTC)
+        except ValueError:
+            return None
+    if "." in cleaned:
+        head, frac = cleaned.split(".", 1)
+        cleaned = f"{head}.{frac[:6]}"
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+        try:
+            return datetime.strptime(cleaned, fmt).replace(tzinfo=UTC)
         except ValueError:
             continue
     return None
+
+
+def _parse_date(text: str | None) -> str | None:
+    dt = parse_date(text)
+    return dt.isoformat().replace("+00:00", "Z") if dt else None
 
 
 def normalise_header(

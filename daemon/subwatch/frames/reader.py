@@ -13,6 +13,7 @@ from subwatch.frames.fitsio import (
     IncompleteFrame,
     LoadedFrame,
     check_fits_complete,
+    fits_capture_time,
     read_fits,
 )
 from subwatch.frames.otherformats import (
@@ -54,6 +55,11 @@ def check_complete(path: Path, max_dimension: int | None = None) -> int:
     if have < need:
         raise IncompleteFrame(have, need)
     return need
+
+
+def capture_time(path: Path) -> float | None:
+    """When the frame was taken (POSIX seconds), if its header says so cheaply; else None."""
+    return fits_capture_time(path) if frame_format(path) == "fits" else None
 
 
 def read_frame(path: Path, *, max_dimension: int = 20000, root: Path | None = None) -> LoadedFrame:

@@ -210,7 +210,11 @@ class Pipeline:
                 self._reject(session, record, "registration failed", detail=str(exc))
                 return
             matrix = reg.matrix
-            record.update(inliers=reg.inliers, registration_rms=_round(reg.rms, 4))
+            record.update(
+                inliers=reg.inliers,
+                registration_rms=_round(reg.rms, 4),
+                registration_rms_bright=_round(reg.bright_rms, 4),
+            )
             timer.lap("register")
             h, w = calibrated.shape[:2]
             warped, coverage = warp_image(

@@ -1,10 +1,14 @@
 """Finding frames that are complete, new and ours to read, in capture order.
 
-The scanner only reports; the pipeline decides. A file is *ready* when it matches the include
-patterns and none of the ignore patterns, lies outside our own output folder, has been quiet
-(size and mtime unchanged, and mtime at least ``settle_seconds`` old), and holds as many bytes as
-its header promises. A file that stays short after ``incomplete_timeout_seconds`` of quiet is
-reported as truncated, once. Each ready file is handed out once per size and mtime.
+The scanner only reports; the pipeline decides. Ready files are handed out in capture order:
+the header's DATE-OBS when it has one (a folder copied in at once gives every file the same
+mtime), else the mtime, with ties in natural name order (``L_2`` before ``L_10``).
+
+A file is *ready* when it matches the include patterns and none of the ignore patterns, lies
+outside our own output folder, has been quiet (size and mtime unchanged, and mtime at least
+``settle_seconds`` old), and holds as many bytes as its header promises. A file that stays
+short after ``incomplete_timeout_seconds`` of quiet is reported as truncated, once. Each ready
+file is handed out once per size and mtime.
 
 Directory walking uses ``os.scandir`` on each pass; this is the periodic full rescan every
 watcher needs anyway (events get dropped), and on its own it is what network shares need.
@@ -15,12 +19,19 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from subwatch.config import WatchConfig
-from subwatch.frames import SUPPORTED_SUFFIXES, FrameReadError, IncompleteFrame, check_complete
+from subwatch.frames import (
+    SUPPORTED_SUFFIXES,
+    FrameReadError,
+    IncompleteFrame,
+    capture_time,
+    check_complete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +43,17 @@ class Candidate:
     mtime: float
     state: str  # "ready" | "truncated" | "unreadable"
     reason: str | None = None
+    taken: float | None = None  # capture time from the header (POSIX s), when it has one
+
+    def order(self) -> tuple[float, list[int | str]]:
+        """Capture order: the header's time, else the mtime; ties by natural name order."""
+        when = self.taken if self.taken is not None else self.mtime
+        return (when, _natural(str(self.path)))
+
+
+def _natural(text: str) -> list[int | str]:
+    """``L_2`` before ``L_10``: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 @dataclass
@@ -121,7 +143,7 @@ class Scanner:
                 continue
             self._handed[path] = (size, mtime)
             out.append(candidate)
-        out.sort(key=lambda c: (c.mtime, str(c.path)))
+        out.sort(key=Candidate.order)
         return out
 
     def _check(
@@ -139,7 +161,7 @@ class Scanner:
             return Candidate(path, size, mtime, "unreadable", exc.reason)
         except OSError:
             return None  # vanished or unreadable for now: try again next pass
-        return Candidate(path, size, mtime, "ready")
+        return Candidate(path, size, mtime, "ready", taken=capture_time(path))
 
     def forget(self, path: Path) -> None:
         self._handed.pop(path, None)
