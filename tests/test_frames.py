@@ -86,6 +86,7 @@ def test_decimal_comma_and_nan_pixels(tmp_path: Path) -> None:
     assert frame.meta.exptime == pytest.approx(6.4e-5)
     assert frame.meta.kind == "bias"
     assert frame.bad_pixels == 2
+    assert frame.mask is not None and frame.mask[3, 4] and frame.mask[5, 6]
     assert np.isfinite(frame.data).all()
     assert frame.data[3, 4] == pytest.approx(100.0)
 
@@ -249,3 +250,37 @@ def test_garbage_dates_are_none() -> None:
     from subwatch.frames.meta import parse_date
 
     assert parse_date("yesterday") is None and parse_date("") is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bzero"),
+    [
+        (np.uint8, None),
+        (np.int16, None),
+        (np.uint16, 32768),
+        (np.int32, None),
+        (np.float32, None),
+        (np.float64, None),
+    ],
+)
+def test_every_fits_pixel_type_reads_to_float32(
+    tmp_path: Path, dtype: type, bzero: int | None
+) -> None:
+    values = np.arange(12 * 16).reshape(12, 16) % 200 + 10
+    hdu = fits.PrimaryHDU(values.astype(dtype))
+    hdu.header["IMAGETYP"] = "Light Frame"
+    path = tmp_path / "f.fits"
+    hdu.writeto(path)
+    if bzero is not None:
+        assert fits.getheader(path)["BZERO"] == bzero
+    frame = read_frame(path)
+    assert frame.data.dtype == np.float32 and frame.mask is None
+    np.testing.assert_array_equal(frame.data, values.astype(np.float32))
+
+
+def test_rgb_cube_is_channel_last(tmp_path: Path) -> None:
+    cube = np.stack([np.full((10, 12), v, np.float32) for v in (1, 2, 3)])
+    fits.PrimaryHDU(cube).writeto(tmp_path / "rgb.fits")
+    frame = read_frame(tmp_path / "rgb.fits")
+    assert frame.data.shape == (10, 12, 3)
+    np.testing.assert_array_equal(frame.data[0, 0], [1, 2, 3])

@@ -176,3 +176,31 @@ def test_cli_once_records_bad_files_and_never_touches_captures(tmp_path: Path, n
     assert rows["lights/notes.fits"]["status"] == "error"
     assert rows["lights/notes.fits"]["reason"] == "not a FITS file"
     assert "lights/.hidden.fits" not in rows and "lights/copy.fits.tmp" not in rows
+
+
+def test_nan_pixels_are_masked_out_of_the_stack(tmp_path: Path) -> None:
+    from subwatch.service.pipeline import Pipeline
+
+    capture = tmp_path / "capture"
+    truth = simulate_session(
+        SimOptions(out=capture, lights=4, width=320, height=240, seed=5, calibration=False)
+    )
+    # The third light as a float file with a block of NaN, as a broken writer leaves it.
+    path = capture / truth["lights"][2]["file"]
+    with fits.open(path) as hdul:
+        header, data = hdul[0].header.copy(), hdul[0].data.astype(np.float32)
+    data[100:110, 150:170] = np.nan
+    for key in ("BZERO", "BSCALE"):
+        header.remove(key, ignore_missing=True)
+    fits.PrimaryHDU(data, header).writeto(path, overwrite=True)
+    cfg = Config.model_validate({"output": {"path": str(tmp_path / "out")}})
+    pipeline = Pipeline(cfg, capture, tmp_path / "out")
+    rows = [pipeline.process(capture / light["file"]) for light in truth["lights"]]
+    assert [r["status"] for r in rows] == ["stacked"] * 4
+    assert rows[2]["bad_pixels"] == 200
+    (session,) = pipeline.stacks.values()
+    m = np.array(rows[2]["transform"])
+    x, y = (m[:, :2] @ [160.0, 105.0]) + m[:, 2]
+    count = session.accumulator.coverage()
+    assert count[round(y), round(x)] == 3  # the NaN sub did not count there
+    assert np.isfinite(session.accumulator.mean()).all()

@@ -50,13 +50,25 @@ class IncompleteFrame(FrameReadError):
 
 @dataclass
 class LoadedFrame:
-    """Pixels as float32 (H, W) or (H, W, 3), the header as found, and normalised metadata."""
+    """Pixels as float32 (H, W) or (H, W, 3), the header as found, and normalised metadata.
+
+    ``mask`` (H, W), True where the file held NaN or Inf: those pixels were filled with the
+    median so that measurement works, and must be kept out of any stack.
+    """
 
     data: np.ndarray
     header: fits.Header
     meta: FrameMeta
-    bad_pixels: int = 0
+    mask: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.bad_pixels:
+            self.notes.append(f"{self.bad_pixels} NaN/Inf pixels masked")
+
+    @property
+    def bad_pixels(self) -> int:
+        return 0 if self.mask is None else int(self.mask.sum())
 
 
 def _parse_header_block(raw: bytes, start: int) -> tuple[dict[str, str], int] | None:
@@ -253,11 +265,9 @@ def read_fits(path: Path, *, max_dimension: int = 20000, root: Path | None = Non
     planes = np.asarray(data)
     if planes.ndim == 3:  # FITS cubes are (planes, rows, cols); we work channel-last
         planes = planes[0] if planes.shape[0] == 1 else np.moveaxis(planes, 0, -1)
-    image, bad = _to_float_image(planes)
+    image, mask = to_float_image(planes)
     meta = normalise_header(header, path, root=root, shape=image.shape)
-    if bad:
-        notes.append(f"{bad} NaN/Inf pixels replaced")
-    return LoadedFrame(data=image, header=header, meta=meta, bad_pixels=bad, notes=notes)
+    return LoadedFrame(data=image, header=header, meta=meta, mask=mask, notes=notes)
 
 
 def _check_dimensions(shape: tuple[int, ...], max_dimension: int) -> None:
@@ -273,14 +283,21 @@ def _check_dimensions(shape: tuple[int, ...], max_dimension: int) -> None:
         raise FrameReadError("unsupported image", f"axes {shape}")
 
 
-def _to_float_image(data: np.ndarray) -> tuple[np.ndarray, int]:
-    """float32 (H, W) or (H, W, 3); NaN/Inf replaced by the median so nothing propagates."""
+def to_float_image(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 (H, W) or (H, W, 3), and the (H, W) mask of NaN/Inf pixels (None if none).
+
+    Bad pixels are filled with the median of the good ones, so measurement and warping see a
+    plausible value; the mask is what keeps them out of the stack.
+    """
     arr = np.ascontiguousarray(data, dtype=np.float32)
+    if np.asarray(data).dtype.kind in "iub":
+        return arr, None  # integers cannot be NaN
     finite = np.isfinite(arr)
-    bad = int(arr.size - np.count_nonzero(finite))
-    if bad:
-        if bad == arr.size:
-            raise FrameReadError("no valid pixels", "every pixel is NaN or Inf")
-        arr = arr.copy() if arr is data else arr
-        arr[~finite] = np.median(arr[finite])
+    if finite.all():
+        return arr, None
+    if not finite.any():
+        raise FrameReadError("no valid pixels", "every pixel is NaN or Inf")
+    arr = arr.copy() if np.shares_memory(arr, data) else arr
+    arr[~finite] = np.median(arr[finite])
+    bad = ~finite if arr.ndim == 2 else ~finite.all(axis=2)
     return arr, bad

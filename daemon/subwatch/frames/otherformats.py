@@ -22,8 +22,8 @@ from subwatch.frames.fitsio import (
     IncompleteFrame,
     LoadedFrame,
     _check_dimensions,
-    _to_float_image,
     refuse_oversized,
+    to_float_image,
 )
 from subwatch.frames.meta import normalise_header
 
@@ -110,11 +110,10 @@ def read_xisf(path: Path, *, max_dimension: int, root: Path | None) -> LoadedFra
     if data.dtype.kind == "f" and float(np.nanmax(data)) <= 1.0:
         # PixInsight stores normalised [0, 1] floats; bring them to the 16-bit ADU scale.
         data = data * 65535.0
-    image, bad = _to_float_image(data)
-    notes = [f"{bad} NaN/Inf pixels replaced"] if bad else []
+    image, mask = to_float_image(data)
     header["NAXIS1"], header["NAXIS2"] = image.shape[1], image.shape[0]
     meta = normalise_header(header, path, root=root, shape=image.shape)
-    return LoadedFrame(data=image, header=header, meta=meta, bad_pixels=bad, notes=notes)
+    return LoadedFrame(data=image, header=header, meta=meta, mask=mask)
 
 
 def read_tiff(path: Path, *, max_dimension: int, root: Path | None) -> LoadedFrame:
@@ -138,8 +137,7 @@ def read_tiff(path: Path, *, max_dimension: int, root: Path | None) -> LoadedFra
     _check_dimensions((data.shape[1], data.shape[0], *data.shape[2:]), max_dimension)
     if data.dtype == np.uint8:
         data = data.astype(np.float32) * 257.0  # 8-bit to the 16-bit ADU scale
-    image, bad = _to_float_image(data)
+    image, mask = to_float_image(data)
     header = fits.Header()
     meta = normalise_header(header, path, root=root, shape=image.shape)
-    notes = [f"{bad} NaN/Inf pixels replaced"] if bad else []
-    return LoadedFrame(data=image, header=header, meta=meta, bad_pixels=bad, notes=notes)
+    return LoadedFrame(data=image, header=header, meta=meta, mask=mask)

@@ -221,6 +221,12 @@ class Pipeline:
                 calibrated, matrix, (h, w), self.cfg.stacking.interpolation
             )
             timer.lap("warp")
+        if frame.mask is not None:
+            # Pixels that were NaN/Inf in the file, and every stack pixel they touch, stay out.
+            moved = frame.mask.astype(np.float32)
+            if not record.get("reference"):
+                moved = warp_image(moved, matrix, coverage.shape, "linear")[0]
+            coverage = np.where(moved > 0, 0.0, coverage).astype(np.float32)
         record["transform"] = [[round(float(v), 6) for v in row] for row in matrix]
         added = session.add(
             warped,
