@@ -296,6 +296,18 @@ class GatesConfig(_Section):
         ge=1,
         description="Largest sky background relative to the running median (clouds, dawn, moon).",
     )
+    min_flux_ratio: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Lowest flux of the brightest stars relative to the running median (haze).",
+    )
+    max_saturated_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Largest fraction of detected stars with clipped cores (overexposure).",
+    )
     warmup_frames: int = Field(
         3, ge=1, description="Accepted subs needed before the ratio gates apply."
     )

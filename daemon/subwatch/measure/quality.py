@@ -2,10 +2,21 @@
 
 A gate compares a sub with the *running median* of the subs accepted so far in the same stack,
 not with fixed numbers, because what is good depends on the rig and the night: 2.5 px FWHM is
-superb on one scope and soft on another. Until ``warmup_frames`` subs have been accepted only
-absolute gates apply (too few stars). Each rejection carries one reason, the most telling:
-``clouds`` (stars lost, or the sky much brighter), ``trailed`` (elongated stars: guiding or
-wind), ``defocused`` (stars much wider), ``too few stars``.
+superb on one scope and soft on another. Only accepted subs enter the history, and medians
+ignore a single outlier, so one bad frame never moves the bar. Until ``warmup_frames`` subs
+have been accepted only absolute gates apply (too few stars, elongation, saturation). Each
+rejection carries one reason, the most telling, in words a user knows:
+
+- ``too few stars``: fewer than ``min_stars`` before the night has a history;
+- ``trailed``: median eccentricity above ``max_eccentricity`` (guiding failure, wind);
+- ``saturated``: more than ``max_saturated_fraction`` of the stars clipped (overexposure);
+- ``defocused``: FWHM above ``max_fwhm_ratio`` times the running median (focus, seeing);
+- ``clouds``: stars lost (count below ``min_star_ratio``), the brightest stars dimmed (flux
+  below ``min_flux_ratio``: haze, thin cloud, dew on the optics), or the sky much brighter
+  (background above ``max_background_ratio``: cloud lit from below, dawn, moon).
+
+The star flux compared is the median flux of the 25 brightest unsaturated stars: the same
+stars from sub to sub whatever the seeing, so a drop means less light reached the sensor.
 """
 
 from __future__ import annotations
@@ -27,15 +38,37 @@ class GateHistory:
     fwhm: deque[float] = field(default_factory=lambda: deque(maxlen=25))
     stars: deque[float] = field(default_factory=lambda: deque(maxlen=25))
     background: deque[float] = field(default_factory=lambda: deque(maxlen=25))
+    flux: deque[float] = field(default_factory=lambda: deque(maxlen=25))
 
     def add(self, m: FrameMeasurement) -> None:
         if m.fwhm is not None:
             self.fwhm.append(m.fwhm)
         self.stars.append(float(m.n_stars))
         self.background.append(m.background.level)
+        flux = bright_flux(m)
+        if flux is not None:
+            self.flux.append(flux)
 
     def __len__(self) -> int:
         return len(self.stars)
+
+
+def bright_flux(m: FrameMeasurement, count: int = 25) -> float | None:
+    """Median flux (ADU) of the ``count`` brightest unsaturated stars."""
+    stars = m.stars
+    unsat = np.flatnonzero(~stars.saturated)
+    if unsat.size == 0:
+        return None
+    brightest = np.sort(stars.flux[unsat])[::-1][:count]
+    return float(np.median(brightest))
+
+
+def _ratio(value: float | None, history: deque[float]) -> float | None:
+    """``value`` over the median of ``history``, or None when either is missing."""
+    if value is None or not history:
+        return None
+    median = float(np.median(history))
+    return value / median if median > 0 else None
 
 
 def judge(m: FrameMeasurement, history: GateHistory, cfg: GatesConfig) -> str | None:
@@ -50,16 +83,20 @@ def judge(m: FrameMeasurement, history: GateHistory, cfg: GatesConfig) -> str | 
         return "too few stars" if len(history) < cfg.warmup_frames else "clouds"
     if m.eccentricity is not None and m.eccentricity > cfg.max_eccentricity:
         return "trailed"
+    if m.n_stars and m.stars.saturated.sum() > cfg.max_saturated_fraction * m.n_stars:
+        return "saturated"
     if len(history) < cfg.warmup_frames:
         return None
-    if history.fwhm and m.fwhm is not None:
-        med_fwhm = float(np.median(history.fwhm))
-        if m.fwhm > cfg.max_fwhm_ratio * med_fwhm:
-            return "defocused"
-    med_stars = float(np.median(history.stars))
-    if med_stars > 0 and m.n_stars < cfg.min_star_ratio * med_stars:
+    fwhm = _ratio(m.fwhm, history.fwhm)
+    if fwhm is not None and fwhm > cfg.max_fwhm_ratio:
+        return "defocused"
+    stars = _ratio(float(m.n_stars), history.stars)
+    flux = _ratio(bright_flux(m), history.flux)
+    background = _ratio(m.background.level, history.background)
+    if (stars is not None and stars < cfg.min_star_ratio) or (
+        flux is not None and flux < cfg.min_flux_ratio
+    ):
         return "clouds"
-    med_bkg = float(np.median(history.background))
-    if med_bkg > 0 and m.background.level > cfg.max_background_ratio * med_bkg:
+    if background is not None and background > cfg.max_background_ratio:
         return "clouds"
     return None
