@@ -237,8 +237,14 @@ class Pipeline:
             normalize=self.cfg.stacking.normalize,
         )
         record["rejected_pixels"] = added.rejected_pixels
-        session.history.add(m)
         session.files.append(record["file"])
+        if added.warmup_rejected:
+            # The warm-up buffer was integrated with this sub: say what each buffered sub lost.
+            buffered = session.files[-len(added.warmup_rejected) :]
+            record["warmup_rejected_pixels"] = dict(
+                zip(buffered, added.warmup_rejected, strict=True)
+            )
+        session.history.add(m)
         session.exptime_total += float(meta.exptime or 0.0)
         session.date_obs = session.date_obs or meta.date_obs
         if m.fwhm is not None:
