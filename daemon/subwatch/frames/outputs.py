@@ -106,6 +106,24 @@ class JsonlWriter:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def size(self) -> int:
+        """Bytes written so far: the offset a checkpoint records."""
+        with self._lock:
+            return self.path.stat().st_size if self.path.exists() else 0
+
+    def truncate(self, offset: int) -> int:
+        """Cut the journal back to ``offset`` bytes (a checkpoint's); returns the rows dropped."""
+        with self._lock:
+            if not self.path.exists():
+                return 0
+            with open(self.path, "rb+") as fh:
+                fh.seek(offset)
+                dropped = fh.read().count(b"\n")
+                fh.truncate(offset)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return dropped
+
     def read(self) -> list[dict[str, Any]]:
         """All complete records, skipping a torn or corrupt line rather than failing."""
         return read_jsonl(self.path)

@@ -52,6 +52,16 @@ class GateHistory:
     def __len__(self) -> int:
         return len(self.stars)
 
+    def to_state(self) -> dict[str, list[float]]:
+        return {name: list(getattr(self, name)) for name in ("fwhm", "stars", "background", "flux")}
+
+    @classmethod
+    def from_state(cls, state: dict[str, list[float]]) -> GateHistory:
+        history = cls()
+        for name, values in state.items():
+            getattr(history, name).extend(float(v) for v in values)
+        return history
+
 
 def bright_flux(m: FrameMeasurement, count: int = 25) -> float | None:
     """Median flux (ADU) of the ``count`` brightest unsaturated stars."""

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from subwatch.config import Config
+from subwatch.frames import JsonlWriter
+from subwatch.service.checkpoint import CheckpointError, load_checkpoint, set_aside
 from subwatch.service.pipeline import Pipeline
 from subwatch.service.scanner import Scanner
 
@@ -33,18 +35,42 @@ class RunSummary:
 
 
 def _set_aside_previous_journal(output: Path) -> None:
-    """A new run starts a new journal; the previous one is kept beside it, never overwritten.
-
-    Resuming a stack across restarts needs a checkpoint of the accumulators as well as the
-    journal; until a checkpoint exists the stack is rebuilt from the frames on disk, so the old
-    journal is moved aside to keep every file counted exactly once in the current one.
-    """
+    """A fresh start keeps any previous journal beside the new one, never overwritten."""
     journal = output / "frames.jsonl"
     if journal.exists() and journal.stat().st_size > 0:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         dest = output / f"frames.{stamp}.jsonl"
         shutil.move(journal, dest)
         log.info("previous journal kept as %s", dest.name)
+
+
+def _resume(output: Path, pipeline: Pipeline, scanner: Scanner) -> bool:
+    """Continue from the output's checkpoint if there is a sound one; True if resumed."""
+    try:
+        state = load_checkpoint(output)
+    except CheckpointError as exc:
+        where = set_aside(output)
+        log.warning(
+            "checkpoint unreadable (%s), set aside as %s; rebuilding from the frames", exc, where
+        )
+        state = None
+    if state is None:
+        _set_aside_previous_journal(output)
+        pipeline.journal = JsonlWriter(output / "frames.jsonl")
+        return False
+    dropped = pipeline.journal.truncate(state.journal_offset)
+    pipeline.restore(state)
+    for rel, (size, mtime, _status) in state.processed.items():
+        scanner.mark_handled(pipeline.root / rel, size, mtime)
+    stacked = sum(s.stacked for s in pipeline.stacks.values())
+    log.info(
+        "resumed from checkpoint: %d files handled, %d subs in %d stacks; %d journal rows redone",
+        len(state.processed),
+        stacked,
+        len(pipeline.stacks),
+        dropped,
+    )
+    return True
 
 
 def run_daemon(
@@ -69,12 +95,12 @@ def run_daemon(
     output.mkdir(parents=True, exist_ok=True)
     if _inside(output, watch):
         log.info("output %s lies inside the watch folder; it is skipped when scanning", output)
-    _set_aside_previous_journal(output)
     stop = stop or threading.Event()
     pipeline = Pipeline(cfg, watch, output)
+    scanner = Scanner(watch, cfg.watch, exclude=[output], max_dimension=cfg.frames.max_dimension)
+    _resume(output, pipeline, scanner)
     if pipeline_hook is not None:
         pipeline_hook(pipeline)
-    scanner = Scanner(watch, cfg.watch, exclude=[output], max_dimension=cfg.frames.max_dimension)
     processed = 0
     log.info("watching %s, writing to %s%s", watch, output, " (once)" if once else "")
     while not stop.is_set():
@@ -90,11 +116,13 @@ def run_daemon(
                     pipeline.error_row(cand.path, cand.reason or cand.state, cand.size, cand.mtime)
                 )
             processed += 1
+            if pipeline.checkpoint_due():
+                pipeline.checkpoint()
         if finishing and not ready and not scanner.pending:
             break
         if not ready:
             stop.wait(0.05 if once else cfg.watch.poll_seconds)
-    pipeline.write_stacks()
+    pipeline.checkpoint()
     stacks = {f"{s.target}/{s.filter}": s.stacked for s in pipeline.stacks.values()}
     log.info("done: %d files, %s", processed, pipeline.counts)
     return RunSummary(processed, dict(pipeline.counts), stacks, output)

@@ -21,11 +21,19 @@ from astropy.io import fits
 from subwatch import __version__
 from subwatch.calibration import CalibrationLibrary, calibrate_light
 from subwatch.config import Config
-from subwatch.frames import FrameReadError, JsonlWriter, LoadedFrame, read_frame, write_fits_atomic
+from subwatch.frames import (
+    FrameMeta,
+    FrameReadError,
+    JsonlWriter,
+    LoadedFrame,
+    read_frame,
+    write_fits_atomic,
+)
 from subwatch.frames.outputs import write_json_atomic
 from subwatch.measure import FrameMeasurement, measure_frame
 from subwatch.measure.quality import judge
 from subwatch.register import RegistrationError, find_transform, warp_image
+from subwatch.service.checkpoint import CheckpointState, save_checkpoint
 from subwatch.stack import StackSession, safe_name
 
 log = logging.getLogger(__name__)
@@ -71,7 +79,13 @@ class Pipeline:
         self.stacks: dict[tuple[str, str], StackSession] = {}
         self.counts: dict[str, int] = {"stacked": 0, "rejected": 0, "error": 0, "calibration": 0}
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._since_write = 0
+        # What a restart must know: every file handled (size, mtime, status) and the raw
+        # calibration frames seen, with their metadata.
+        self.processed: dict[str, list[Any]] = {}
+        self.calibration_files: list[dict[str, Any]] = []
+        self.checkpoint_generation = 0
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
 
     # -- one frame ---------------------------------------------------------------------------
 
@@ -80,12 +94,22 @@ class Pipeline:
     ) -> dict[str, Any]:
         timer = Timer()
         record: dict[str, Any] = self._blank(path, size, mtime)
+        earlier = self.processed.get(record["file"])
+        if earlier is not None and earlier[2] == "stacked":
+            # Already in a stack: a rewritten file is reported, never integrated twice.
+            record.update(status="error", reason="changed after it was stacked")
+            record["seconds"] = timer.done()
+            self.record(record)
+            return record
         try:
             frame = read_frame(path, max_dimension=self.cfg.frames.max_dimension, root=self.root)
             timer.lap("load")
             self._fill_meta(record, frame)
             if frame.meta.kind in CALIBRATION_KINDS:
                 self.library.add(path, frame.meta)
+                self.calibration_files.append(
+                    {"path": record["file"], "meta": frame.meta.as_dict()}
+                )
                 record["status"] = "calibration"
             elif frame.meta.kind == "unknown":
                 declared = frame.meta.sources["kind"].split("=", 1)[-1]
@@ -111,6 +135,9 @@ class Pipeline:
         """Journal a row (also used for files that never reached ``process``)."""
         status = record.get("status") or "error"
         self.counts[status] = self.counts.get(status, 0) + 1
+        earlier = self.processed.get(record["file"])
+        if earlier is None or earlier[2] != "stacked":
+            self.processed[record["file"]] = [record.get("size"), record.get("mtime"), status]
         self.journal.append(record)
         for listener in self.listeners:
             listener(record)
@@ -253,10 +280,7 @@ class Pipeline:
             session.snr.append(m.snr)
         record["status"] = "stacked"
         timer.lap("integrate")
-        self._since_write += 1
-        if self._since_write >= self.cfg.stacking.checkpoint_frames:
-            self.write_stacks()
-            timer.lap("write")
+        self._since_checkpoint += 1
 
     def _reject(
         self, session: StackSession, record: dict[str, Any], reason: str, detail: str | None = None
@@ -301,8 +325,47 @@ class Pipeline:
             if session.updated and session.accumulator is not None:
                 written.append(self._write_stack(session))
                 session.updated = False
-        self._since_write = 0
         return written
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_due(self) -> bool:
+        """Every ``checkpoint_frames`` stacked subs, or ``checkpoint_seconds`` with new work."""
+        if self._since_checkpoint == 0:
+            return False
+        elapsed = time.monotonic() - self._last_checkpoint
+        return (
+            self._since_checkpoint >= self.cfg.stacking.checkpoint_frames
+            or elapsed >= self.cfg.stacking.checkpoint_seconds
+        )
+
+    def checkpoint(self) -> None:
+        """Write the stacks, then a checkpoint that matches them and the journal."""
+        self.write_stacks()
+        state = CheckpointState(
+            journal_offset=self.journal.size(),
+            processed=self.processed,
+            calibration=self.calibration_files,
+            counts=self.counts,
+            stacks=[s.to_state() for s in self.stacks.values() if s.has_reference],
+            generation=self.checkpoint_generation,
+        )
+        save_checkpoint(self.output, state)
+        self.checkpoint_generation = state.generation
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    def restore(self, state: CheckpointState) -> None:
+        """Continue from a checkpoint: stacks, counters, the files handled, the library."""
+        self.processed = {k: list(v) for k, v in state.processed.items()}
+        self.counts.update(state.counts)
+        self.checkpoint_generation = state.generation
+        for meta, arrays in state.stacks:
+            session = StackSession.from_state(meta, arrays)
+            self.stacks[session.key] = session
+        self.calibration_files = list(state.calibration)
+        for item in self.calibration_files:
+            self.library.add(self.root / item["path"], FrameMeta(**item["meta"]))
 
     def _write_stack(self, session: StackSession) -> Path:
         assert session.accumulator is not None

@@ -165,3 +165,8 @@ class Scanner:
 
     def forget(self, path: Path) -> None:
         self._handed.pop(path, None)
+
+    def mark_handled(self, path: Path, size: int | None, mtime: float | None) -> None:
+        """A file handled before a restart: not handed out again unless it changes."""
+        if size is not None and mtime is not None:
+            self._handed[Path(path)] = (int(size), float(mtime))

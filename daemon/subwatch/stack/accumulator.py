@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -185,3 +186,38 @@ class WeightedAccumulator:
     def state_bytes(self) -> int:
         """Bytes of full-size state (not counting the warm-up buffer)."""
         return self.W.nbytes + self.M.nbytes + self.S.nbytes + self.count.nbytes
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything needed to continue exactly where this stack is (see ``from_state``)."""
+        meta = {
+            "shape": list(self.shape),
+            "kappa": self.kappa,
+            "warmup": self.warmup,
+            "n_frames": self.n_frames,
+            "n_streamed": self.n_streamed,
+            "buffer": [{"weight": b.weight, "noise": b.noise} for b in self.buffer],
+        }
+        arrays = {"W": self.W, "M": self.M, "S": self.S, "count": self.count}
+        for i, b in enumerate(self.buffer):
+            arrays[f"buffer_image_{i}"] = b.image
+            arrays[f"buffer_covered_{i}"] = b.covered
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> WeightedAccumulator:
+        acc = cls(tuple(meta["shape"]), kappa=meta["kappa"], warmup=int(meta["warmup"]))
+        for name in ("W", "M", "S", "count"):
+            if arrays[name].shape != getattr(acc, name).shape:
+                raise ValueError(f"checkpoint array {name} has shape {arrays[name].shape}")
+            setattr(acc, name, arrays[name].astype(getattr(acc, name).dtype, copy=True))
+        acc.n_frames = int(meta["n_frames"])
+        acc.n_streamed = int(meta["n_streamed"])
+        acc.buffer = [
+            _Buffered(
+                arrays[f"buffer_image_{i}"], arrays[f"buffer_covered_{i}"], b["weight"], b["noise"]
+            )
+            for i, b in enumerate(meta["buffer"])
+        ]
+        return acc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -78,3 +79,45 @@ class StackSession:
         self.stacked += 1
         self.updated = True
         return result
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The session for a checkpoint: JSON-able fields and arrays."""
+        assert self.accumulator is not None
+        acc_meta, arrays = self.accumulator.to_state()
+        meta = {
+            "target": self.target,
+            "filter": self.filter,
+            "kappa": self.kappa,
+            "warmup": self.warmup,
+            "reference_background": self.reference_background,
+            "reference_noise": self.reference_noise,
+            "history": self.history.to_state(),
+            "files": self.files,
+            "exptime_total": self.exptime_total,
+            "date_obs": self.date_obs,
+            "stacked": self.stacked,
+            "rejected": self.rejected,
+            "fwhm": self.fwhm,
+            "snr": self.snr,
+            "accumulator": acc_meta,
+        }
+        arrays = dict(arrays)
+        arrays["reference_stars"] = np.asarray(self.reference_stars, np.float64)
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> StackSession:
+        session = cls(meta["target"], meta["filter"], kappa=meta["kappa"], warmup=meta["warmup"])
+        session.accumulator = WeightedAccumulator.from_state(meta["accumulator"], arrays)
+        session.reference_stars = arrays["reference_stars"]
+        session.reference_background = float(meta["reference_background"])
+        session.reference_noise = float(meta["reference_noise"])
+        session.history = GateHistory.from_state(meta["history"])
+        session.files = list(meta["files"])
+        session.exptime_total = float(meta["exptime_total"])
+        session.date_obs = meta["date_obs"]
+        session.stacked = int(meta["stacked"])
+        session.rejected = int(meta["rejected"])
+        session.fwhm = [float(v) for v in meta["fwhm"]]
+        session.snr = [float(v) for v in meta["snr"]]
+        return session
