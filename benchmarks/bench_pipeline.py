@@ -53,7 +53,8 @@ def main() -> None:
     stages = sorted({k for r in later for k in r["seconds"]})
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}")
-    print(f"frames: {args.width}x{args.height} {'OSC' if args.osc else 'mono'}, {len(lights)} lights")
+    kind = "OSC" if args.osc else "mono"
+    print(f"frames: {args.width}x{args.height} {kind}, {len(lights)} lights")
     print(f"simulate: {t_sim:.2f} s; run --once: {t_run:.2f} s (calibration frames included)")
     print(f"first light (builds masters): {lights[0]['seconds']['total']:.3f} s")
     for stage in stages:

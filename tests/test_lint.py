@@ -17,6 +17,6 @@ def test_ruff_clean() -> None:
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (it comes with the test extra)")
     proc = subprocess.run(
-        [ruff, "check", "daemon", "tests"], cwd=ROOT, capture_output=True, text=True
+        [ruff, "check", "daemon", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
