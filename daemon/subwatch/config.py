@@ -350,6 +350,12 @@ class StackingConfig(_Section):
         gt=0,
         description="Largest star-match residual RMS in pixels; worse fails registration.",
     )
+    new_stack_jump_deg: float = Field(
+        0.1,
+        gt=0,
+        description="Pointing jump (deg, from the headers) that starts a new stack when a sub"
+        " matches no stack.",
+    )
     min_inliers: int = Field(
         6, ge=3, description="Fewest matched stars for a registration to be trusted."
     )

@@ -11,6 +11,7 @@ file name is visible in ``frames.jsonl``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +63,8 @@ class FrameMeta:
     bayer: str | None = None
     instrument: str | None = None
     date_obs: str | None = None
+    ra: float | None = None  # pointing, degrees (J2000 as written by the capture program)
+    dec: float | None = None
     width: int = 0
     height: int = 0
     channels: int = 1
@@ -254,6 +257,7 @@ def normalise_header(
     if bayer and bayer.upper() in _BAYER:
         meta.bayer = _bayer_with_offsets(bayer.upper(), header)
     meta.instrument, _ = _text(header, "INSTRUME", "CAMERA")
+    meta.ra, meta.dec = _pointing(header)
     date_text, _ = _text(header, "DATE-OBS", "DATE-STA", "DATE")
     meta.date_obs = _parse_date(date_text)
 
@@ -263,6 +267,47 @@ def normalise_header(
     if meta.channels == 3:
         meta.bayer = None
     return meta
+
+
+def _sexagesimal(text: str, hours: bool) -> float | None:
+    """'19 59 41.99' or '19:59:41.99' (hours for RA) or '+22 43 19.4' to degrees."""
+    parts = re.split(r"[\s:hdms°'\"]+", text.strip().replace(",", "."))
+    parts = [p for p in parts if p]
+    if not 1 <= len(parts) <= 3:
+        return None
+    try:
+        sign = -1.0 if parts[0].startswith("-") else 1.0
+        values = [abs(float(parts[0]))] + [float(p) for p in parts[1:]]
+    except ValueError:
+        return None
+    value = values[0] + sum(v / 60.0**i for i, v in enumerate(values[1:], start=1))
+    return sign * value * (15.0 if hours else 1.0)
+
+
+def _pointing(header: fits.Header) -> tuple[float | None, float | None]:
+    """Where the telescope pointed: RA/DEC in degrees, OBJCTRA/OBJCTDEC, or a solved WCS."""
+    ra, _ = _number(header, "RA")
+    dec, _ = _number(header, "DEC")
+    if ra is not None and dec is not None and -90 <= dec <= 90:
+        return ra % 360.0, dec
+    ra_text, _ = _text(header, "OBJCTRA")
+    dec_text, _ = _text(header, "OBJCTDEC")
+    if ra_text and dec_text:
+        ra_deg, dec_deg = _sexagesimal(ra_text, hours=True), _sexagesimal(dec_text, hours=False)
+        if ra_deg is not None and dec_deg is not None:
+            return ra_deg % 360.0, dec_deg
+    ra, _ = _number(header, "CRVAL1")
+    dec, _ = _number(header, "CRVAL2")
+    if ra is not None and dec is not None and -90 <= dec <= 90:
+        return ra % 360.0, dec
+    return None, None
+
+
+def separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    """Great-circle distance between two pointings, degrees (haversine: fine at tiny angles)."""
+    r1, d1, r2, d2 = map(math.radians, (ra1, dec1, ra2, dec2))
+    a = math.sin((d2 - d1) / 2) ** 2 + math.cos(d1) * math.cos(d2) * math.sin((r2 - r1) / 2) ** 2
+    return math.degrees(2 * math.asin(min(1.0, math.sqrt(a))))
 
 
 def _bayer_with_offsets(pattern: str, header: fits.Header) -> str:

@@ -116,6 +116,10 @@ def run_daemon(
                     pipeline.error_row(cand.path, cand.reason or cand.state, cand.size, cand.mtime)
                 )
             processed += 1
+            while pipeline.retry:
+                again = pipeline.retry.pop(0)
+                st = again.stat()
+                pipeline.process(again, st.st_size, st.st_mtime)
             if pipeline.checkpoint_due():
                 pipeline.checkpoint()
         if finishing and not ready and not scanner.pending:

@@ -29,10 +29,11 @@ from subwatch.frames import (
     read_frame,
     write_fits_atomic,
 )
+from subwatch.frames.meta import separation_deg
 from subwatch.frames.outputs import write_json_atomic
 from subwatch.measure import FrameMeasurement, measure_frame
-from subwatch.measure.quality import judge
-from subwatch.register import RegistrationError, find_transform, warp_image
+from subwatch.measure.quality import GateHistory, judge
+from subwatch.register import Registration, RegistrationError, find_transform, warp_image
 from subwatch.service.checkpoint import CheckpointState, save_checkpoint
 from subwatch.stack import StackSession, safe_name
 
@@ -84,6 +85,10 @@ class Pipeline:
         self.processed: dict[str, list[Any]] = {}
         self.calibration_files: list[dict[str, Any]] = []
         self.checkpoint_generation = 0
+        # Per target and filter, the last sub that matched no stack: (stars, file).
+        self._unmatched: dict[tuple[str, str], tuple[np.ndarray, str]] = {}
+        # Files to process again (a sub that matched nothing until its pointing got a stack).
+        self.retry: list[Path] = []
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
 
@@ -96,7 +101,7 @@ class Pipeline:
         record: dict[str, Any] = self._blank(path, size, mtime)
         earlier = self.processed.get(record["file"])
         if earlier is not None and earlier[2] == "stacked":
-            # Already in a stack: a rewritten file is reported, never integrated twice.
+            # Already in a stack: a rewritten (or retried) file is reported, never stacked twice.
             record.update(status="error", reason="changed after it was stacked")
             record["seconds"] = timer.done()
             self.record(record)
@@ -209,33 +214,47 @@ class Pipeline:
         self._fill_measurement(record, m)
         timer.lap("measure")
 
-        session = self._session(meta.target, meta.filter, calibrated.ndim == 3)
+        base = self._base_key(meta.target, meta.filter, calibrated.ndim == 3)
+        session = self._current(base)
+        jumped = session.has_reference and self._pointing_jumped(session, meta)
         record["target"], record["filter"] = session.target, session.filter
-        reason = judge(m, session.history, self.cfg.gates)
+        # After a pointing jump the running medians describe another field: absolute gates only.
+        reason = judge(m, GateHistory() if jumped else session.history, self.cfg.gates)
         if reason is not None:
             self._reject(session, record, reason)
             return
         timer.lap("judge")
 
         stars = m.stars.xyf()
+        reg: Registration | None = None
+        if session.has_reference:
+            reg, failure = self._register(stars, session)
+            if reg is None:
+                # No match with the current stack: an earlier stack of this target (back to a
+                # mosaic panel), else a new pointing if the last unmatched sub agrees with this.
+                reg, session = self._other_stack(stars, base, session)
+            if reg is None and jumped:
+                session = self._new_session(base, "the pointing moved and no stack matches")
+            elif reg is None and self._same_as_last_unmatched(base, stars):
+                session = self._new_session(base, "two subs in a row matched no stack")
+                # The sub before this one started this pointing too: try it again.
+                self.retry.append(self.root / self._unmatched[base][1])
+            elif reg is None:
+                assert failure is not None
+                self._unmatched[base] = (stars, record["file"])
+                record.update(inliers=failure.inliers, registration_rms=_round(failure.rms, 4))
+                self._reject(session, record, "registration failed", detail=str(failure))
+                return
+            record["target"], record["filter"] = session.target, session.filter
+        self._unmatched.pop(base, None)
         if not session.has_reference:
             session.start(calibrated.shape, stars, m.background.level, m.background.noise)
+            session.pointing = (meta.ra, meta.dec)
             matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
             record.update(inliers=len(stars), registration_rms=0.0, reference=True)
             warped, coverage = calibrated, np.ones(calibrated.shape[:2], np.float32)
         else:
-            try:
-                reg = find_transform(
-                    stars,
-                    session.reference_stars,
-                    model=self.cfg.stacking.transform,
-                    min_inliers=self.cfg.stacking.min_inliers,
-                    max_rms=self.cfg.stacking.max_registration_rms,
-                )
-            except RegistrationError as exc:
-                record.update(inliers=exc.inliers, registration_rms=_round(exc.rms, 4))
-                self._reject(session, record, "registration failed", detail=str(exc))
-                return
+            assert reg is not None
             matrix = reg.matrix
             record.update(
                 inliers=reg.inliers,
@@ -303,18 +322,89 @@ class Pipeline:
             gradient_angle=_round(m.gradient.angle_deg, 1),
         )
 
-    def _session(self, target: str | None, filt: str | None, color: bool) -> StackSession:
-        key = (safe_name(target, "unknown"), safe_name(filt, "OSC" if color else "nofilter"))
-        session = self.stacks.get(key)
-        if session is None:
-            kappa = (
-                self.cfg.stacking.kappa if self.cfg.stacking.rejection == "kappa-sigma" else None
-            )
-            session = StackSession(
-                key[0], key[1], kappa=kappa, warmup=self.cfg.stacking.rejection_warmup
-            )
-            self.stacks[key] = session
+    def _base_key(self, target: str | None, filt: str | None, color: bool) -> tuple[str, str]:
+        return (safe_name(target, "unknown"), safe_name(filt, "OSC" if color else "nofilter"))
+
+    def _current(self, base: tuple[str, str]) -> StackSession:
+        """The stack this target and filter feed now: the latest started, or a new one."""
+        sessions = [s for s in self.stacks.values() if (s.base_target, s.filter) == base]
+        if sessions:
+            return max(sessions, key=lambda s: s.serial)
+        return self._new_session(base, None)
+
+    def _new_session(self, base: tuple[str, str], why: str | None) -> StackSession:
+        """A new stack for ``base``: the first is named after the target, later ones -2, -3."""
+        serial = 1 + max(
+            (s.serial for s in self.stacks.values() if (s.base_target, s.filter) == base), default=0
+        )
+        target = base[0] if serial == 1 else f"{base[0]}-{serial}"
+        kappa = self.cfg.stacking.kappa if self.cfg.stacking.rejection == "kappa-sigma" else None
+        session = StackSession(
+            target,
+            base[1],
+            kappa=kappa,
+            warmup=self.cfg.stacking.rejection_warmup,
+            base_target=base[0],
+            serial=serial,
+        )
+        self.stacks[(target, base[1])] = session
+        if why:
+            log.info("new stack %s/%s: %s", target, base[1], why)
         return session
+
+    def _register(
+        self, stars: np.ndarray, session: StackSession
+    ) -> tuple[Registration | None, RegistrationError | None]:
+        try:
+            reg = find_transform(
+                stars,
+                session.reference_stars,
+                model=self.cfg.stacking.transform,
+                min_inliers=self.cfg.stacking.min_inliers,
+                max_rms=self.cfg.stacking.max_registration_rms,
+            )
+        except RegistrationError as exc:
+            return None, exc
+        return reg, None
+
+    def _other_stack(
+        self, stars: np.ndarray, base: tuple[str, str], current: StackSession
+    ) -> tuple[Registration | None, StackSession]:
+        others = [
+            s
+            for s in self.stacks.values()
+            if (s.base_target, s.filter) == base and s is not current and s.has_reference
+        ]
+        for other in sorted(others, key=lambda s: -s.serial):
+            reg, _ = self._register(stars, other)
+            if reg is not None:
+                return reg, other
+        return None, current
+
+    def _pointing_jumped(self, session: StackSession, meta: FrameMeta) -> bool:
+        """The header's pointing is far from the stack reference's (when both are known)."""
+        ra0, dec0 = session.pointing
+        if None in (ra0, dec0, meta.ra, meta.dec):
+            return False
+        moved = separation_deg(ra0, dec0, meta.ra, meta.dec)  # type: ignore[arg-type]
+        return moved > self.cfg.stacking.new_stack_jump_deg
+
+    def _same_as_last_unmatched(self, base: tuple[str, str], stars: np.ndarray) -> bool:
+        """Two subs in a row that match no stack but each other: the mount went elsewhere."""
+        last = self._unmatched.get(base)
+        if last is None:
+            return False
+        try:
+            find_transform(
+                stars,
+                last[0],
+                model=self.cfg.stacking.transform,
+                min_inliers=self.cfg.stacking.min_inliers,
+                max_rms=self.cfg.stacking.max_registration_rms,
+            )
+        except RegistrationError:
+            return False
+        return True
 
     # -- products ----------------------------------------------------------------------------
 
@@ -376,7 +466,9 @@ class Pipeline:
         header = fits.Header()
         header["NCOMBINE"] = (session.stacked, "subs integrated")
         header["EXPTIME"] = (round(session.exptime_total, 3), "total integration, s")
-        header["OBJECT"] = session.target
+        header["OBJECT"] = session.base_target
+        if session.target != session.base_target:
+            header["STACK"] = (session.target, "a further pointing of this object")
         header["FILTER"] = session.filter
         if session.date_obs:
             header["DATE-OBS"] = (session.date_obs, "start of the first sub")

@@ -32,6 +32,9 @@ class StackSession:
     filter: str
     kappa: float | None
     warmup: int
+    base_target: str = ""  # the OBJECT this stack belongs to; target may carry -2, -3 ...
+    serial: int = 1  # 1 for the first stack of a target and filter, then 2, 3 ...
+    pointing: tuple[float | None, float | None] = (None, None)  # reference RA, Dec (deg)
     accumulator: WeightedAccumulator | None = None
     reference_stars: np.ndarray | None = None  # (N, 3) x, y, flux
     reference_background: float = 0.0
@@ -45,6 +48,9 @@ class StackSession:
     fwhm: list[float] = field(default_factory=list)
     snr: list[float] = field(default_factory=list)
     updated: bool = False
+
+    def __post_init__(self) -> None:
+        self.base_target = self.base_target or self.target
 
     @property
     def key(self) -> tuple[str, str]:
@@ -87,6 +93,9 @@ class StackSession:
         meta = {
             "target": self.target,
             "filter": self.filter,
+            "base_target": self.base_target,
+            "serial": self.serial,
+            "pointing": list(self.pointing),
             "kappa": self.kappa,
             "warmup": self.warmup,
             "reference_background": self.reference_background,
@@ -107,7 +116,15 @@ class StackSession:
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> StackSession:
-        session = cls(meta["target"], meta["filter"], kappa=meta["kappa"], warmup=meta["warmup"])
+        session = cls(
+            meta["target"],
+            meta["filter"],
+            kappa=meta["kappa"],
+            warmup=meta["warmup"],
+            base_target=meta["base_target"],
+            serial=int(meta["serial"]),
+            pointing=tuple(meta["pointing"]),
+        )
         session.accumulator = WeightedAccumulator.from_state(meta["accumulator"], arrays)
         session.reference_stars = arrays["reference_stars"]
         session.reference_background = float(meta["reference_background"])
