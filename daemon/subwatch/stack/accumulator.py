@@ -24,8 +24,24 @@ from typing import Any
 
 import numpy as np
 
-BLOCK_ROWS = 256
+BLOCK_ROWS = 64
 MAD_TO_SIGMA = 1.4826
+
+
+def _median_of_planes(planes: list[np.ndarray]) -> np.ndarray:
+    """Element-wise median of a few equally shaped arrays, by an odd-even transposition sort.
+
+    For the handful of subs in a warm-up buffer, k passes of element-wise min/max are several
+    times faster than numpy's sort along a short first axis.
+    """
+    p = [a.copy() for a in planes]
+    k = len(p)
+    for rnd in range(k):
+        for i in range(rnd % 2, k - 1, 2):
+            lo = np.minimum(p[i], p[i + 1])
+            np.maximum(p[i], p[i + 1], out=p[i + 1])
+            p[i] = lo
+    return 0.5 * (p[(k - 1) // 2] + p[k // 2])
 
 
 @dataclass
@@ -139,27 +155,49 @@ class WeightedAccumulator:
 
         The spread is the larger of the buffered values' MAD-sigma and the subs' sky noise, so
         star cores that vary with seeing are not clipped, and a pixel seen by fewer than three
-        subs is not judged at all.
+        subs is not judged at all. Pixels every buffered sub covers (nearly all) take a sorted
+        fast path; the dither edges take NaN-aware medians.
         """
         k = len(self.buffer)
-        noise = max(max(b.noise for b in self.buffer), 1e-6)
+        noise = np.float32(max(max(b.noise for b in self.buffer), 1e-6))
+        kappa = np.float32(self.kappa)
         clips = [np.zeros(self.shape, bool) for _ in range(k)]
         for r0 in range(0, self.shape[0], BLOCK_ROWS):
             rows = slice(r0, r0 + BLOCK_ROWS)
-            cube = np.stack([b.image[rows] for b in self.buffer]).astype(np.float32)
+            cube = np.stack([b.image[rows] for b in self.buffer])
             seen = np.stack([b.covered[rows] for b in self.buffer])
             if cube.ndim == 4:
                 seen = seen[..., None].repeat(cube.shape[3], 3)
-            cube = np.where(seen, cube, np.nan)
-            with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: uncovered
-                med = np.nanmedian(cube, axis=0)
-                mad = MAD_TO_SIGMA * np.nanmedian(np.abs(cube - med), axis=0)
-                spread = np.maximum(mad, noise)
-                out = (np.abs(cube - med) > self.kappa * spread) & seen & (seen.sum(axis=0) >= 3)
+            full = seen.all(axis=0)
+            med = _median_of_planes(list(cube))
+            mad = _median_of_planes([np.abs(plane - med) for plane in cube])
+            out = np.abs(cube - med) > kappa * np.maximum(np.float32(MAD_TO_SIGMA) * mad, noise)
+            out &= full
+            partial = ~full & (seen.sum(axis=0) >= 3)
+            if partial.any():
+                out |= self._clip_partial(cube, seen, partial, kappa, noise)
             for i in range(k):
                 clips[i][rows] = out[i]
         return clips
+
+    @staticmethod
+    def _clip_partial(
+        cube: np.ndarray,
+        seen: np.ndarray,
+        partial: np.ndarray,
+        kappa: np.float32,
+        noise: np.float32,
+    ) -> np.ndarray:
+        """The same clipping where only some buffered subs cover a pixel (NaN-aware, slower)."""
+        values = np.where(seen, cube, np.nan)[:, partial]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(values, axis=0)
+            mad = np.float32(MAD_TO_SIGMA) * np.nanmedian(np.abs(values - med), axis=0)
+            hit = np.abs(values - med) > kappa * np.maximum(mad, noise)
+        out = np.zeros(cube.shape, bool)
+        out[:, partial] = hit & seen[:, partial]
+        return out
 
     # -- reading the stack ---------------------------------------------------------------------
 
