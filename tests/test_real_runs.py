@@ -26,7 +26,7 @@ def test_alt_az_mono_night_stacks_in_capture_order(real_data: Path, tmp_path: Pa
     assert [r["file"] for r in rows] == [f"L_{i}.fit" for i in range(1, 25)]
     stacked = [r for r in rows if r["status"] == "stacked"]
     assert len(stacked) >= 20
-    assert all(r["inliers"] >= 20 for r in stacked)
+    assert all(r["inliers"] >= 12 for r in stacked)  # bright stars only (SNR >= 20) are matched
     # an alt-az mount drifts several px per frame: the transforms must show it
     shifts = [np.hypot(r["transform"][0][2], r["transform"][1][2]) for r in stacked]
     assert max(shifts) > 10

@@ -47,7 +47,14 @@ def _sky_noise(stack: np.ndarray, model: np.ndarray) -> float:
 
 
 def _run(capture: Path, out: Path, truth: dict) -> tuple[float, list[dict]]:
-    cfg = Config.model_validate({"watch": {"path": str(capture)}, "output": {"path": str(out)}})
+    # Integration alone: what kappa-sigma rejection costs in noise is a separate question.
+    cfg = Config.model_validate(
+        {
+            "watch": {"path": str(capture)},
+            "output": {"path": str(out)},
+            "stacking": {"rejection": "none"},
+        }
+    )
     run_daemon(cfg, once=True)
     rows = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines()]
     lights = [r for r in rows if r["kind"] == "light" and r["status"] == "stacked"]

@@ -74,18 +74,28 @@ class WeightedAccumulator:
         self.S = np.zeros(self.shape, np.float32)
         self.count = np.zeros(self.shape[:2], np.uint16)
         self.buffer: list[_Buffered] = []
+        self.sky = 0.0
         self.n_frames = 0
         self.n_streamed = 0
 
     # -- adding subs ---------------------------------------------------------------------------
 
     def add(
-        self, image: np.ndarray, coverage: np.ndarray, weight: float = 1.0, noise: float = 0.0
+        self,
+        image: np.ndarray,
+        coverage: np.ndarray,
+        weight: float = 1.0,
+        noise: float = 0.0,
+        sky: float = 0.0,
     ) -> AddResult:
         """Integrate one registered sub; ``coverage`` (H, W) in 0..1, 1 = fully covered.
 
-        ``noise`` is the sub's sky noise (ADU): it floors the rejection spread.
+        ``noise`` is the sub's sky noise (ADU) and ``sky`` its sky level: together they floor the
+        rejection spread at the noise a pixel of the running mean's brightness must have (photon
+        noise grows as the square root of the signal), so nebula and star cores are not clipped
+        for being noisier than the sky.
         """
+        self.sky = max(float(sky), 0.0)
         if image.shape != self.shape:
             raise ValueError(f"sub shape {image.shape} differs from the stack's {self.shape}")
         covered = coverage >= 0.999
@@ -134,7 +144,13 @@ class WeightedAccumulator:
             if judge:
                 np.maximum(W, tiny, out=a_)
                 np.divide(S, a_, out=a_)
-                np.maximum(a_, floor, out=a_)
+                if self.sky > 0:
+                    np.multiply(M, np.float32(1.0 / self.sky), out=c_)
+                    np.maximum(c_, 1.0, out=c_)
+                    c_ *= floor
+                    np.maximum(a_, c_, out=a_)
+                else:
+                    np.maximum(a_, floor, out=a_)
                 np.sqrt(a_, out=a_)
                 a_ *= kappa  # rejection threshold
                 np.subtract(x, M, out=b_)

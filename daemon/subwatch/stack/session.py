@@ -81,7 +81,9 @@ class StackSession:
         assert self.accumulator is not None
         image = warped + np.float32(self.reference_background - background) if normalize else warped
         weight = 1.0 / (noise * noise) if weighting == "noise" and noise > 0 else 1.0
-        result = self.accumulator.add(image, coverage, weight=weight, noise=noise)
+        result = self.accumulator.add(
+            image, coverage, weight=weight, noise=noise, sky=self.reference_background
+        )
         self.stacked += 1
         self.updated = True
         return result
