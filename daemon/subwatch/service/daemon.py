@@ -126,7 +126,7 @@ def run_daemon(
             break
         if not ready:
             stop.wait(0.05 if once else cfg.watch.poll_seconds)
-    pipeline.checkpoint()
+    pipeline.finish()
     stacks = {f"{s.target}/{s.filter}": s.stacked for s in pipeline.stacks.values()}
     log.info("done: %d files, %s", processed, pipeline.counts)
     return RunSummary(processed, dict(pipeline.counts), stacks, output)

@@ -76,6 +76,9 @@ class Pipeline:
         self.library = CalibrationLibrary(
             Path(calib_dir), cfg.calibration, cfg.frames.max_dimension
         )
+        # Masters already on disk are indexed by the constructor; raw calibration frames in the
+        # configured calibration folder are taken in now (headers only, pixels when needed).
+        self.library.scan()
         self.journal = JsonlWriter(self.output / "frames.jsonl")
         self.stacks: dict[tuple[str, str], StackSession] = {}
         self.counts: dict[str, int] = {"stacked": 0, "rejected": 0, "error": 0, "calibration": 0}
@@ -428,6 +431,15 @@ class Pipeline:
             self._since_checkpoint >= self.cfg.stacking.checkpoint_frames
             or elapsed >= self.cfg.stacking.checkpoint_seconds
         )
+
+    def finish(self) -> None:
+        """End of a run: masters for calibration frames no light needed yet (dawn flats), and
+        a last checkpoint."""
+        try:
+            self.library.build_all()
+        except Exception:  # a master that cannot be built must not cost the night's stacks
+            log.exception("building the remaining masters failed")
+        self.checkpoint()
 
     def checkpoint(self) -> None:
         """Write the stacks, then a checkpoint that matches them and the journal."""
