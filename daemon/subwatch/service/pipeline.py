@@ -231,7 +231,7 @@ class Pipeline:
         stars = m.stars.xyf()
         reg: Registration | None = None
         if session.has_reference:
-            reg, failure = self._register(stars, session)
+            reg, failure = self._register(stars, session.reference_stars)
             if reg is None:
                 # No match with the current stack: an earlier stack of this target (back to a
                 # mosaic panel), else a new pointing if the last unmatched sub agrees with this.
@@ -356,12 +356,13 @@ class Pipeline:
         return session
 
     def _register(
-        self, stars: np.ndarray, session: StackSession
+        self, stars: np.ndarray, reference: np.ndarray
     ) -> tuple[Registration | None, RegistrationError | None]:
+        """Match ``stars`` to ``reference`` with the configured model and checks."""
         try:
             reg = find_transform(
                 stars,
-                session.reference_stars,
+                reference,
                 model=self.cfg.stacking.transform,
                 min_inliers=self.cfg.stacking.min_inliers,
                 max_rms=self.cfg.stacking.max_registration_rms,
@@ -379,7 +380,7 @@ class Pipeline:
             if (s.base_target, s.filter) == base and s is not current and s.has_reference
         ]
         for other in sorted(others, key=lambda s: -s.serial):
-            reg, _ = self._register(stars, other)
+            reg, _ = self._register(stars, other.reference_stars)
             if reg is not None:
                 return reg, other
         return None, current
@@ -395,19 +396,7 @@ class Pipeline:
     def _same_as_last_unmatched(self, base: tuple[str, str], stars: np.ndarray) -> bool:
         """Two subs in a row that match no stack but each other: the mount went elsewhere."""
         last = self._unmatched.get(base)
-        if last is None:
-            return False
-        try:
-            find_transform(
-                stars,
-                last[0],
-                model=self.cfg.stacking.transform,
-                min_inliers=self.cfg.stacking.min_inliers,
-                max_rms=self.cfg.stacking.max_registration_rms,
-            )
-        except RegistrationError:
-            return False
-        return True
+        return last is not None and self._register(stars, last[0])[0] is not None
 
     # -- products ----------------------------------------------------------------------------
 
