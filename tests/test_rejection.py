@@ -28,6 +28,15 @@ def _line_pixels(d: dict, m: np.ndarray, shape: tuple[int, int]) -> tuple[np.nda
     return np.round(yr[ok]).astype(int), np.round(xr[ok]).astype(int)
 
 
+def _local_sigma(residual: np.ndarray, x: int, y: int, half: int = 10) -> float:
+    """Robust scatter of the residual around (x, y), the 5x5 centre left out."""
+    y0, x0 = max(y - half, 0), max(x - half, 0)
+    win = residual[y0 : y + half + 1, x0 : x + half + 1].copy()
+    win[y - y0 - 2 : y - y0 + 3, x - x0 - 2 : x - x0 + 3] = np.nan
+    vals = win[np.isfinite(win)]
+    return float(1.4826 * np.median(np.abs(vals - np.median(vals))))
+
+
 def test_trails_and_cosmic_rays_leave_no_residual(tmp_path: Path) -> None:
     capture = tmp_path / "capture"
     truth = simulate_session(
@@ -60,8 +69,13 @@ def test_trails_and_cosmic_rays_leave_no_residual(tmp_path: Path) -> None:
                 xr = m[0, 0] * pts[:, 0] + m[0, 1] * pts[:, 1] + m[0, 2]
                 yr = m[1, 0] * pts[:, 0] + m[1, 1] * pts[:, 1] + m[1, 2]
                 inside = (xr > 8) & (xr < stack.shape[1] - 9) & (yr > 8) & (yr < stack.shape[0] - 9)
-                vals = residual[np.round(yr[inside]).astype(int), np.round(xr[inside]).astype(int)]
-                assert np.all(np.abs(vals) < 4 * sigma), (light["file"], vals / sigma)
+                for x, y in zip(
+                    np.round(xr[inside]).astype(int), np.round(yr[inside]).astype(int), strict=True
+                ):
+                    # judged against the noise around the hit: some land on bright nebula,
+                    # where photon noise is well above the sky's
+                    local = _local_sigma(residual, x, y)
+                    assert abs(residual[y, x]) < 4 * max(local, sigma), (light["file"], x, y)
     # the trail sub inside the warm-up had its trail counted when the buffer was integrated
     warm = next(r for r in lights if r.get("warmup_rejected_pixels"))
     assert warm["warmup_rejected_pixels"][truth["lights"][1]["file"]] > 200

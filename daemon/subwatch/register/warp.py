@@ -8,11 +8,11 @@ Shapes: a 2D image ``(H, W)`` or a channel-last image ``(H, W, C)`` (e.g. debaye
 first ``(C, H, W)`` data must be transposed by the caller (``np.moveaxis(img, 0, -1)``): the shape
 alone cannot tell a 3-row image from three channels. Output is float32, outside the sub is 0.
 
-Coverage: an array of ones warped with bilinear interpolation, in [0, 1], then eroded by the
-interpolation kernel's reach (4 px for ``lanczos``, 2 px for ``cubic``): Lanczos and cubic read
-past the sub's edge, where the border is 0, so the pixels just inside it are biased (on a flat
-image the first one by -5 % to +13 %). After the erosion, 1 means the output pixel is fully and
-exactly computed from the sub; values below 1 mark the rim; 0 is outside.
+Coverage: a boolean map of the output pixels whose whole interpolation kernel falls inside the
+sub (the kernel reaches 4 px for ``lanczos``, 2 px for ``cubic``, 0 for ``linear``). Lanczos and
+cubic read past the sub's edge, where the border is 0, so the pixels just inside it are biased
+(on a flat image the first one by -5 % to +13 %); they are left out, and so is everything the
+sub does not reach at all.
 
 OpenCV quantises sub-pixel sample positions to 1/32 px in ``warpAffine``, i.e. at most
 1/64 px (0.016 px) of positional error, well below seeing-limited star sizes. Lanczos and
@@ -51,22 +51,39 @@ def _warp(img: np.ndarray, m: np.ndarray, size: tuple[int, int], flags: int) -> 
 def _coverage(
     src_shape: tuple[int, int], m: np.ndarray, out_shape: tuple[int, int], reach: int
 ) -> np.ndarray:
-    """Bilinear coverage of the sub on the output grid, eroded by the interpolator's reach.
+    """Output pixels whose whole interpolation kernel lies inside the sub.
 
-    The erosion must also see the output's own edge: an output pixel on the frame border whose
-    kernel reaches past the sub's edge is as biased as one in the middle of the frame. So the
-    coverage is computed on the output grid padded by ``reach`` px, eroded, then cropped.
+    An output pixel samples the sub at ``m^-1 (u, v)``; the kernel reads ``reach`` px either
+    side, so the sample must fall in ``[reach, W - 1 - reach] x [reach, H - 1 - reach]``. Along
+    an output row the sample moves linearly, so each of the four bounds cuts the row at one
+    point and the covered pixels of a row are one interval: the mask is filled row by row from
+    the intervals, exactly, in a few milliseconds (warping an image of ones and eroding it took
+    over a second at 26 MP).
     """
     h, w = out_shape
-    shifted = m.copy()
-    shifted[:, 2] += reach
-    ones = np.ones(src_shape, dtype=np.float32)
-    cov = _warp(ones, shifted, (w + 2 * reach, h + 2 * reach), cv2.INTER_LINEAR)
-    np.clip(cov, 0.0, 1.0, out=cov)
-    cov[cov > 1.0 - 1e-5] = 1.0
-    if reach:
-        cov = cv2.erode(cov, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
-    return np.ascontiguousarray(cov[reach : reach + h, reach : reach + w])
+    sh, sw = src_shape
+    full = np.vstack([m, [0.0, 0.0, 1.0]])
+    inv = np.linalg.inv(full)[:2]
+    v = np.arange(h, dtype=np.float64)
+    lo = np.full(h, 0.0)
+    hi = np.full(h, float(w - 1))
+    for (a, b, c), size in ((inv[0], sw), (inv[1], sh)):
+        # sample = a * u + (b * v + c) must lie in [reach, size - 1 - reach]
+        base = b * v + c
+        lo_s, hi_s = float(reach), float(size - 1 - reach)
+        if abs(a) < 1e-12:
+            inside = (base >= lo_s - 1e-9) & (base <= hi_s + 1e-9)
+            hi = np.where(inside, hi, -1.0)
+            continue
+        u1, u2 = (lo_s - base) / a, (hi_s - base) / a
+        lo = np.maximum(lo, np.minimum(u1, u2))
+        hi = np.minimum(hi, np.maximum(u1, u2))
+    first = np.ceil(lo - 1e-9).astype(np.int64)
+    last = np.floor(hi + 1e-9).astype(np.int64)
+    mask = np.zeros((h, w), dtype=bool)
+    for row in np.flatnonzero(last >= first):
+        mask[row, first[row] : last[row] + 1] = True
+    return mask
 
 
 def warp_image(
@@ -78,7 +95,7 @@ def warp_image(
     """Warp ``image`` (sub) into an output grid of ``out_shape = (height, width)`` px.
 
     Returns ``(warped, coverage)``: ``warped`` is float32 with the image's channel layout
-    (``(h, w)`` or ``(h, w, C)``), ``coverage`` is float32 ``(h, w)`` in [0, 1], see module doc.
+    (``(h, w)`` or ``(h, w, C)``), ``coverage`` is boolean ``(h, w)``, see module doc.
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(
@@ -105,4 +122,4 @@ def warp_image(
         ]
         warped = np.concatenate(parts, axis=2)
     coverage = _coverage(img.shape[:2], m, (h, w), _KERNEL_REACH[interpolation])
-    return warped.astype(np.float32, copy=False), coverage.astype(np.float32, copy=False)
+    return warped.astype(np.float32, copy=False), coverage

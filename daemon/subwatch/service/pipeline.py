@@ -255,7 +255,7 @@ class Pipeline:
             session.pointing = (meta.ra, meta.dec)
             matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
             record.update(inliers=len(stars), registration_rms=0.0, reference=True)
-            warped, coverage = calibrated, np.ones(calibrated.shape[:2], np.float32)
+            warped, coverage = calibrated, np.ones(calibrated.shape[:2], bool)
         else:
             assert reg is not None
             matrix = reg.matrix
@@ -275,7 +275,7 @@ class Pipeline:
             moved = frame.mask.astype(np.float32)
             if not record.get("reference"):
                 moved = warp_image(moved, matrix, coverage.shape, "linear")[0]
-            coverage = np.where(moved > 0, 0.0, coverage).astype(np.float32)
+            coverage = coverage & ~(moved > 0)
         record["transform"] = [[round(float(v), 6) for v in row] for row in matrix]
         added = session.add(
             warped,

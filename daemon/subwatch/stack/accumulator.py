@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from subwatch.stack.kernels import welford_update
+
 BLOCK_ROWS = 64
 MAD_TO_SIGMA = 1.4826
 
@@ -87,100 +89,67 @@ class WeightedAccumulator:
         weight: float = 1.0,
         noise: float = 0.0,
         sky: float = 0.0,
+        *,
+        scale: float = 1.0,
+        offset: float = 0.0,
+        noise_mesh: np.ndarray | None = None,
     ) -> AddResult:
-        """Integrate one registered sub; ``coverage`` (H, W) in 0..1, 1 = fully covered.
+        """Integrate ``scale * image + offset``, a registered sub, where ``coverage`` is set.
 
-        ``noise`` is the sub's sky noise (ADU) and ``sky`` its sky level: together they floor the
-        rejection spread at the noise a pixel of the running mean's brightness must have (photon
-        noise grows as the square root of the signal), so nebula and star cores are not clipped
-        for being noisier than the sky.
+        ``coverage`` (H, W) is boolean, or 0..1 where 1 means fully covered. ``scale`` and
+        ``offset`` bring the sub to the reference's photometry (they are applied inside the
+        update, so no normalised copy of the frame is made).
+
+        ``noise`` is the sub's sky noise (ADU, after normalisation) and ``sky`` the reference's
+        sky level: together they floor the rejection spread at the noise a pixel of the running
+        mean's brightness must have (photon noise grows as the square root of the signal), so
+        nebula and star cores are not clipped for being noisier than the sky. ``noise_mesh``
+        (a coarse grid over the frame, ADU) replaces the single ``noise`` where the sky noise
+        varies across the field (vignetting lifted by the flat, gradients).
         """
         self.sky = max(float(sky), 0.0)
         if image.shape != self.shape:
             raise ValueError(f"sub shape {image.shape} differs from the stack's {self.shape}")
-        covered = coverage >= 0.999
+        covered = coverage if coverage.dtype == np.bool_ else coverage >= 0.999
         self.n_frames += 1
-        self.count += covered
+        mesh = np.float32(noise) if noise_mesh is None else np.asarray(noise_mesh, np.float32)
         if self.n_streamed == 0 and len(self.buffer) < self.warmup:
-            self.buffer.append(
-                _Buffered(image.astype(np.float32, copy=True), covered, weight, noise)
-            )
+            self.count += covered
+            normalised = image.astype(np.float32, copy=True)
+            if scale != 1.0:
+                normalised *= np.float32(scale)
+            if offset != 0.0:
+                normalised += np.float32(offset)
+            self.buffer.append(_Buffered(normalised, covered, weight, noise))
             if len(self.buffer) < self.warmup:
                 return AddResult(None, int(covered.sum()))
             return AddResult(None, int(covered.sum()), warmup_rejected=self._flush_buffer())
-        judge = self.kappa is not None
-        rejected = self._stream(image, covered, weight, noise, judge)
-        return AddResult(rejected, int(covered.sum()))
-
-    def _stream(
-        self,
-        image: np.ndarray,
-        covered: np.ndarray,
-        weight: float,
-        noise: float,
-        judge: bool,
-        clip: np.ndarray | None = None,
-    ) -> int:
-        """Welford update a block of rows at a time; returns the rejected pixel count.
-
-        Every operation writes into preallocated block-sized scratch arrays: on a 26 MP frame
-        fresh temporaries cost more in page faults than the arithmetic itself.
-        """
-        rejected = 0
-        wt, kappa = np.float32(weight), np.float32(self.kappa or 0.0)
-        floor, tiny = np.float32(noise * noise), np.float32(1e-30)
-        block = (min(BLOCK_ROWS, self.shape[0]), *self.shape[1:])
-        a, b, c = (np.empty(block, np.float32) for _ in range(3))
-        use, hit, valid = (np.empty(block, bool) for _ in range(3))
-        for r0 in range(0, self.shape[0], BLOCK_ROWS):
-            rows = slice(r0, r0 + BLOCK_ROWS)
-            x, W, M, S = image[rows], self.W[rows], self.M[rows], self.S[rows]
-            n = x.shape[0]
-            a_, b_, c_, use_, hit_, valid_ = a[:n], b[:n], c[:n], use[:n], hit[:n], valid[:n]
-            cov = covered[rows]
-            np.copyto(use_, cov if x.ndim == 2 else cov[:, :, None])
-            if clip is not None:
-                np.greater(use_, clip[rows], out=use_)  # use and not clipped
-            if judge:
-                np.maximum(W, tiny, out=a_)
-                np.divide(S, a_, out=a_)
-                if self.sky > 0:
-                    np.multiply(M, np.float32(1.0 / self.sky), out=c_)
-                    np.maximum(c_, 1.0, out=c_)
-                    c_ *= floor
-                    np.maximum(a_, c_, out=a_)
-                else:
-                    np.maximum(a_, floor, out=a_)
-                np.sqrt(a_, out=a_)
-                a_ *= kappa  # rejection threshold
-                np.subtract(x, M, out=b_)
-                np.abs(b_, out=b_)
-                np.greater(b_, a_, out=hit_)
-                np.greater(W, 0, out=valid_)
-                hit_ &= valid_
-                hit_ &= use_
-                rejected += int(hit_.any(axis=2).sum() if x.ndim == 3 else hit_.sum())
-                np.greater(use_, hit_, out=use_)
-            np.multiply(use_, wt, out=a_)  # w
-            np.add(W, a_, out=W)  # W_new
-            np.subtract(x, M, out=b_)  # delta
-            np.maximum(W, tiny, out=c_)
-            np.divide(a_, c_, out=c_)  # w / W_new
-            c_ *= b_
-            M += c_  # M_new = M + (w / W_new) delta
-            np.subtract(x, M, out=c_)
-            c_ *= b_
-            c_ *= a_
-            S += c_  # S += w delta (x - M_new)
+        rejected, n_covered = welford_update(
+            image,
+            covered,
+            self.W,
+            self.M,
+            self.S,
+            weight=weight,
+            scale=scale,
+            offset=offset,
+            kappa=self.kappa,
+            floor_mesh=np.atleast_2d(mesh * mesh),
+            sky=self.sky,
+            count=self.count,
+        )
         self.n_streamed += 1
-        return rejected
+        return AddResult(rejected, n_covered)
 
     def _flush_buffer(self) -> list[int]:
         """Integrate the warm-up subs, each pixel clipped against the buffer's median."""
         clips = self._warmup_clips() if self.kappa is not None else [None] * len(self.buffer)
         counts = []
         for sub, clip in zip(self.buffer, clips, strict=True):
-            self._stream(sub.image, sub.covered, sub.weight, sub.noise, judge=False, clip=clip)
+            welford_update(
+                sub.image, sub.covered, self.W, self.M, self.S, weight=sub.weight, clip=clip
+            )
+            self.n_streamed += 1
             if clip is None:
                 counts.append(0)
             else:

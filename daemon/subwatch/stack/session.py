@@ -79,10 +79,15 @@ class StackSession:
         normalize: bool,
     ) -> AddResult:
         assert self.accumulator is not None
-        image = warped + np.float32(self.reference_background - background) if normalize else warped
+        offset = self.reference_background - background if normalize else 0.0
         weight = 1.0 / (noise * noise) if weighting == "noise" and noise > 0 else 1.0
         result = self.accumulator.add(
-            image, coverage, weight=weight, noise=noise, sky=self.reference_background
+            warped,
+            coverage,
+            weight=weight,
+            noise=noise,
+            sky=self.reference_background,
+            offset=offset,
         )
         self.stacked += 1
         self.updated = True
