@@ -38,8 +38,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         capture, out = Path(tmp) / "capture", Path(tmp) / "out"
         t0 = time.perf_counter()
-        simulate_session(SimOptions(out=capture, lights=args.lights, width=args.width,
-                                    height=args.height, seed=args.seed, osc=args.osc))
+        simulate_session(
+            SimOptions(
+                out=capture,
+                lights=args.lights,
+                width=args.width,
+                height=args.height,
+                seed=args.seed,
+                osc=args.osc,
+            )
+        )
         t_sim = time.perf_counter() - t0
         cfg = Config.model_validate({"watch": {"path": str(capture)}, "output": {"path": str(out)}})
         t0 = time.perf_counter()
@@ -57,9 +65,24 @@ def main() -> None:
     print(f"frames: {args.width}x{args.height} {kind}, {len(lights)} lights")
     print(f"simulate: {t_sim:.2f} s; run --once: {t_run:.2f} s (calibration frames included)")
     print(f"first light (builds masters): {lights[0]['seconds']['total']:.3f} s")
-    for stage in stages:
-        values = [r["seconds"][stage] for r in later if stage in r["seconds"]]
-        print(f"  {stage:10s} median {statistics.median(values):.3f} s  (n={len(values)})")
+    # Subs integrated one by one after the warm-up buffer (the steady state of a night), and
+    # the one that completed the buffer (it pays for the whole buffer's clipping), apart.
+    streamed = [
+        r
+        for r in later
+        if r.get("rejected_pixels") is not None and not r.get("warmup_rejected_pixels")
+    ]
+    flush = [r for r in later if r.get("warmup_rejected_pixels")]
+    for name, group in (("all lights but the first", later), ("after the warm-up", streamed)):
+        if not group:
+            continue
+        print(f"{name}:")
+        for stage in stages:
+            values = [r["seconds"][stage] for r in group if stage in r["seconds"]]
+            if values:
+                print(f"  {stage:10s} median {statistics.median(values):.3f} s  (n={len(values)})")
+    for r in flush:
+        print(f"sub completing the warm-up buffer: total {r['seconds']['total']:.3f} s")
     print(f"peak RSS: {rss_mb:.0f} MB")
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 from subwatch.config import Config
@@ -46,13 +47,12 @@ def _sky_noise(stack: np.ndarray, model: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(residual - np.median(residual))) * BIN)
 
 
-def _run(capture: Path, out: Path, truth: dict) -> tuple[float, list[dict]]:
-    # Integration alone: what kappa-sigma rejection costs in noise is a separate question.
+def _run(capture: Path, out: Path, truth: dict, rejection: str) -> tuple[float, list[dict]]:
     cfg = Config.model_validate(
         {
             "watch": {"path": str(capture)},
             "output": {"path": str(out)},
-            "stacking": {"rejection": "none"},
+            "stacking": {"rejection": rejection},
         }
     )
     run_daemon(cfg, once=True)
@@ -63,12 +63,14 @@ def _run(capture: Path, out: Path, truth: dict) -> tuple[float, list[dict]]:
     return _sky_noise(stack.astype(np.float64), model), lights
 
 
-def test_noise_falls_as_one_over_sqrt_n(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rejection", ["none", "kappa-sigma"])
+def test_noise_falls_as_one_over_sqrt_n(tmp_path: Path, rejection: str) -> None:
+    """Integration alone, and with the default rejection, which must not cost noise either."""
     opts = {"width": 480, "height": 360, "seed": 31, "seeing": (3.0, 3.0), "dither_px": 10.0}
     truth1 = simulate_session(SimOptions(out=tmp_path / "one", lights=1, **opts))
-    sigma_1, _ = _run(tmp_path / "one", tmp_path / "out1", truth1)
+    sigma_1, _ = _run(tmp_path / "one", tmp_path / "out1", truth1, rejection)
     truth = simulate_session(SimOptions(out=tmp_path / "many", lights=9, **opts))
-    sigma_n, lights = _run(tmp_path / "many", tmp_path / "outn", truth)
+    sigma_n, lights = _run(tmp_path / "many", tmp_path / "outn", truth, rejection)
     assert len(lights) == 9
     weights = np.array([1.0 / r["noise"] ** 2 for r in lights])
     n_eff = weights.sum() ** 2 / (weights**2).sum()

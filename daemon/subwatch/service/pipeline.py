@@ -36,6 +36,7 @@ from subwatch.measure.quality import GateHistory, judge
 from subwatch.register import Registration, RegistrationError, find_transform, warp_image
 from subwatch.service.checkpoint import CheckpointState, save_checkpoint
 from subwatch.stack import StackSession, safe_name
+from subwatch.stack.photometry import FluxScale, flux_scale, reference_photometry
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,13 @@ class Pipeline:
             record["target"], record["filter"] = session.target, session.filter
         self._unmatched.pop(base, None)
         if not session.has_reference:
-            session.start(calibrated.shape, stars, m.background.level, m.background.noise)
+            session.start(
+                calibrated.shape,
+                stars,
+                m.background.level,
+                m.background.noise,
+                photometry=reference_photometry(calibrated, m.stars, m.fwhm),
+            )
             session.pointing = (meta.ra, meta.dec)
             matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
             record.update(inliers=len(stars), registration_rms=0.0, reference=True)
@@ -277,6 +284,10 @@ class Pipeline:
                 moved = warp_image(moved, matrix, coverage.shape, "linear")[0]
             coverage = coverage & ~(moved > 0)
         record["transform"] = [[round(float(v), 6) for v in row] for row in matrix]
+        scale = FluxScale(1.0, 0, None)
+        if not record.get("reference") and session.reference_photometry is not None:
+            scale = flux_scale(warped, coverage, session.reference_photometry, m.fwhm)
+            record.update(flux_scale=_round(scale.scale, 4), flux_scale_stars=scale.pairs)
         added = session.add(
             warped,
             coverage,
@@ -284,6 +295,7 @@ class Pipeline:
             noise=m.background.noise,
             weighting=self.cfg.stacking.weighting,
             normalize=self.cfg.stacking.normalize,
+            scale=scale.scale,
         )
         record["rejected_pixels"] = added.rejected_pixels
         session.files.append(record["file"])

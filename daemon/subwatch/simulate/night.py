@@ -21,14 +21,14 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-DEFECT_TYPES = ("trail", "cosmic_rays", "clouds", "trailed", "defocus")
+DEFECT_TYPES = ("trail", "cosmic_rays", "clouds", "trailed", "defocus", "haze")
 # Defect type -> the reason a good pipeline should give for rejecting the frame.
 REJECTING = {"clouds": "clouds", "trailed": "trailed", "defocus": "defocused"}
 _DEFECT_ALIASES = {
     "satellite": "trail", "aircraft": "trail", "trails": "trail",
     "cosmic": "cosmic_rays", "cosmics": "cosmic_rays", "cr": "cosmic_rays",
     "cosmic_ray": "cosmic_rays", "cosmic-rays": "cosmic_rays",
-    "cloud": "clouds", "cloudy": "clouds",
+    "cloud": "clouds", "cloudy": "clouds", "thin_clouds": "haze", "dew": "haze",
     "trailing": "trailed", "guiding": "trailed",
     "defocused": "defocus", "focus": "defocus",
 }
@@ -276,6 +276,14 @@ def _add_defect(plan: LightPlan, kind: str, rng: np.random.Generator, w: int, h:
         angle = round(float(rng.uniform(0.0, 180.0)), 2)
         plan.trailed = (length, angle)
         plan.defects.append({"type": "trailed", "length_px": length, "angle_deg": angle})
+    elif kind == "haze":
+        # Thin high cloud or dew on the objective: stars dimmer, yet well worth stacking.
+        transparency = round(float(rng.uniform(0.65, 0.8)), 3)
+        factor = round(float(rng.uniform(1.0, 1.15)), 3)
+        plan.transparency *= transparency
+        plan.sky_factor *= factor
+        plan.defects.append({"type": "haze", "transparency": transparency,
+                             "sky_factor": factor})
     elif kind == "defocus":
         plan.fwhm *= 3.0
         plan.beta = 2.5  # an out-of-focus star has flatter, broader wings

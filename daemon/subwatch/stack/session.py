@@ -1,9 +1,11 @@
 """One live stack per (target, filter): its reference, its accumulator, its history.
 
 The first accepted sub of a stack is its reference: its stars are what later subs are matched
-to, its pixel grid is the stack's grid, and its background level is what later subs are
-normalised to (an additive offset, so a sky brightening with the moon or dawn does not raise
-the stack). Weights are inverse noise variance, so a sub twice as noisy counts a quarter.
+to, its pixel grid is the stack's grid, and its photometry is what later subs are normalised to: a
+scale from the fluxes of the stars both share (haze, dew and airmass dim a sub's stars; see
+``photometry``) and an offset that brings its sky to the reference's level (a sky brightening
+with the moon or dawn does not raise the stack). Weights are inverse noise variance of the
+normalised sub, so a sub twice as noisy counts a quarter.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from subwatch.measure.quality import GateHistory
 from subwatch.stack.accumulator import AddResult, WeightedAccumulator
+from subwatch.stack.photometry import ReferencePhotometry
 
 
 def safe_name(text: str | None, default: str) -> str:
@@ -37,6 +40,7 @@ class StackSession:
     pointing: tuple[float | None, float | None] = (None, None)  # reference RA, Dec (deg)
     accumulator: WeightedAccumulator | None = None
     reference_stars: np.ndarray | None = None  # (N, 3) x, y, flux
+    reference_photometry: ReferencePhotometry | None = None  # stamps to compare fluxes by
     reference_background: float = 0.0
     reference_noise: float = 0.0
     history: GateHistory = field(default_factory=GateHistory)
@@ -61,10 +65,16 @@ class StackSession:
         return self.accumulator is not None
 
     def start(
-        self, shape: tuple[int, ...], stars: np.ndarray, background: float, noise: float
+        self,
+        shape: tuple[int, ...],
+        stars: np.ndarray,
+        background: float,
+        noise: float,
+        photometry: ReferencePhotometry | None = None,
     ) -> None:
         self.accumulator = WeightedAccumulator(shape, kappa=self.kappa, warmup=self.warmup)
         self.reference_stars = stars
+        self.reference_photometry = photometry
         self.reference_background = background
         self.reference_noise = noise
 
@@ -77,9 +87,20 @@ class StackSession:
         noise: float,
         weighting: str,
         normalize: bool,
+        scale: float = 1.0,
     ) -> AddResult:
+        """Normalise and integrate a registered sub.
+
+        Normalised, the sub is ``scale * x + (reference background - scale * background)``:
+        its stars as bright as the reference's and its sky at the reference's level. Its noise
+        scales with it, and the weight (inverse variance) is that of the normalised sub, so a
+        hazy sub brought up by 1.3 counts as the noisier frame it is.
+        """
         assert self.accumulator is not None
-        offset = self.reference_background - background if normalize else 0.0
+        if not normalize:
+            scale = 1.0
+        offset = self.reference_background - scale * background if normalize else 0.0
+        noise = scale * noise
         weight = 1.0 / (noise * noise) if weighting == "noise" and noise > 0 else 1.0
         result = self.accumulator.add(
             warped,
@@ -87,6 +108,7 @@ class StackSession:
             weight=weight,
             noise=noise,
             sky=self.reference_background,
+            scale=scale,
             offset=offset,
         )
         self.stacked += 1
@@ -119,6 +141,8 @@ class StackSession:
         }
         arrays = dict(arrays)
         arrays["reference_stars"] = np.asarray(self.reference_stars, np.float64)
+        if self.reference_photometry is not None:
+            arrays.update(self.reference_photometry.to_arrays())
         return meta, arrays
 
     @classmethod
@@ -134,6 +158,7 @@ class StackSession:
         )
         session.accumulator = WeightedAccumulator.from_state(meta["accumulator"], arrays)
         session.reference_stars = arrays["reference_stars"]
+        session.reference_photometry = ReferencePhotometry.from_arrays(arrays)
         session.reference_background = float(meta["reference_background"])
         session.reference_noise = float(meta["reference_noise"])
         session.history = GateHistory.from_state(meta["history"])
