@@ -133,8 +133,13 @@ def test_a_rewritten_stacked_file_is_reported_not_restacked(session: Path, tmp_p
     path.write_bytes(path.read_bytes())  # same bytes, new mtime: the file was touched
     _finish(capture, out, config)
     rows = [r for r in _rows(out) if r["file"] == light["file"]]
+    assert [r["status"] for r in rows] == ["stacked"]  # same content: nothing to say
+    with fits.open(path, mode="update") as hdul:  # a plate solver rewrites the header
+        hdul[0].header["PLTSOLVD"] = True
+    _finish(capture, out, config)
+    rows = [r for r in _rows(out) if r["file"] == light["file"]]
     assert [r["status"] for r in rows] == ["stacked", "error"]
-    assert rows[1]["reason"] == "changed after it was stacked"
+    assert rows[1]["reason"] == "changed after stacking"
     assert _stack(out)[0]["NCOMBINE"] == ncombine
 
 

@@ -171,7 +171,7 @@ def test_cli_once_records_bad_files_and_never_touches_captures(tmp_path: Path, n
         json.loads(line)["file"]: json.loads(line)
         for line in (out / "frames.jsonl").read_text().splitlines()
     }
-    assert rows["lights/truncated_light.fits"]["status"] == "error"
+    assert rows["lights/truncated_light.fits"]["status"] == "incomplete"
     assert rows["lights/truncated_light.fits"]["reason"].startswith("truncated")
     assert rows["lights/notes.fits"]["status"] == "error"
     assert rows["lights/notes.fits"]["reason"] == "not a FITS file"

@@ -52,18 +52,22 @@ def test_fresh_and_partial_files_wait(tmp_path: Path) -> None:
     _age(tmp_path / "partial.fits", 50)
     scanner = Scanner(tmp_path, _cfg())
     now = time.time()
-    assert scanner.poll(now) == []
+    # Quiet but short: one "waiting" report, so a stuck file shows; nothing handed out.
+    assert [(c.path.name, c.state) for c in scanner.poll(now)] == [("partial.fits", "waiting")]
     assert {p.name for p in scanner.pending} == {"fresh.fits", "partial.fits"}
-    # Still short after the timeout of our own watching: truncated, reported once.
+    assert scanner.poll(now + 0.5) == []  # not one report per poll
+    # Still short after the timeout of our own watching: incomplete, reported once.
     later = scanner.poll(now + 6.0)
     states = {c.path.name: c.state for c in later}
-    assert states == {"fresh.fits": "ready", "partial.fits": "truncated"}
+    assert states == {"fresh.fits": "ready", "partial.fits": "incomplete"}
+    assert scanner.poll(now + 7.0) == [] and not scanner.pending
 
 
 def test_final_pass_reports_partial_files_at_once(tmp_path: Path) -> None:
     (tmp_path / "partial.fits").write_bytes(_fits()[:3000])
     got = Scanner(tmp_path, _cfg()).poll(final=True)
-    assert [(c.path.name, c.state) for c in got] == [("partial.fits", "truncated")]
+    assert [(c.path.name, c.state) for c in got] == [("partial.fits", "incomplete")]
+    assert got[0].reason.startswith("truncated")
 
 
 def test_ignored_names_and_own_output(tmp_path: Path) -> None:
@@ -106,3 +110,27 @@ def test_capture_order_comes_from_the_header_when_mtimes_tie(tmp_path: Path) -> 
         os.utime(p, (1.0e9, 1.0e9))
     got = [c.path.name for c in Scanner(tmp_path, _cfg()).poll()]
     assert got == ["x_9.fits", "x_10.fits", "L_1.fits", "L_2.fits", "L_10.fits"]
+
+
+def test_reported_paths_are_looked_at_without_walking(tmp_path: Path) -> None:
+    """An observer's paths (and pending files) are checked; other files wait for a rescan."""
+    (tmp_path / "night").mkdir()
+    for name in ("a.fits", "night/b.fits", "night/c.fits", "other.fits"):
+        (tmp_path / name).write_bytes(_fits())
+        _age(tmp_path / name, 30)
+    scanner = Scanner(tmp_path, _cfg())
+    got = scanner.poll(paths=[tmp_path / "a.fits", tmp_path / "night", tmp_path / "gone.fits"])
+    assert sorted(c.path.name for c in got) == ["a.fits", "b.fits", "c.fits"]
+    assert [c.path.name for c in scanner.poll()] == ["other.fits"]  # the rescan finds the rest
+
+
+def test_a_deferred_file_comes_back_with_its_identity(tmp_path: Path) -> None:
+    (tmp_path / "a.fits").write_bytes(_fits(3))
+    _age(tmp_path / "a.fits", 30)
+    scanner = Scanner(tmp_path, _cfg())
+    (first,) = scanner.poll()
+    assert first.fingerprint
+    scanner.defer(first)
+    (again,) = scanner.poll(paths=[])
+    assert again is first  # not read again
+    assert scanner.poll(paths=[]) == []

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,17 +156,29 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _install_signals(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: object) -> None:
-        log.info("signal %s: finishing the current frame and stopping", signal.Signals(signum).name)
-        stop.set()
+def _install_signals(stop: Callable[[], None], reload: Callable[[], None] | None = None) -> None:
+    """SIGTERM and SIGINT finish the current frame and stop; SIGHUP re-reads the config.
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    Handlers only set flags: the worker acts on them between frames.
+    """
+
+    def on_stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: finishing the current frame and stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    if reload is not None:
+
+        def on_hup(_signum: int, _frame: object) -> None:
+            log.info("signal SIGHUP: reloading the config")
+            reload()
+
+        signal.signal(signal.SIGHUP, on_hup)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from subwatch.service.daemon import run_daemon
+    from subwatch.service.daemon import Daemon
     from subwatch.service.logs import setup_logging
 
     cfg = _load(args)
@@ -176,9 +189,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    stop = threading.Event()
-    _install_signals(stop)
-    summary = run_daemon(cfg, once=args.once, stop=stop)
+    # --once serves HTTP only when asked with --http; a watching daemon as http.enabled says.
+    serve = True if args.http else (False if args.once else None)
+    daemon = Daemon(
+        cfg,
+        once=args.once,
+        reload_config=(lambda: _load(args)) if args.config else None,
+        serve_http=serve,
+    )
+    _install_signals(daemon.request_stop, daemon.request_reload)
+    summary = daemon.run()
     print(_summary_text(summary))
     return 0
 
@@ -195,7 +215,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     setup_logging("WARNING", "text")  # the demo prints its own progress
     stop = threading.Event()
-    _install_signals(stop)
+    _install_signals(stop.set)
     return run_demo(
         args.out,
         frames=args.frames,

@@ -1,6 +1,10 @@
-"""The service: finding frames, running them through the pipeline, and the run loop.
+"""The service: finding frames, running them through the pipeline, and the faces of the daemon.
 
-``scanner`` reports complete new files in capture order (it decides nothing else),
-``pipeline`` takes one frame through calibration, measurement, judgement, registration and
-integration and journals the outcome, ``daemon`` loops the two until stopped.
+``watcher`` reports paths that changed (inotify or polling), ``scanner`` says which files are
+complete and in what capture order, ``feeder`` turns both into a bounded queue, ``ledger``
+says whether a file's content was already taken, ``pipeline`` takes one frame through
+calibration, measurement, judgement, registration and integration and journals the outcome,
+``checkpoint`` makes that survive a restart, ``reload`` sorts the changes of a SIGHUP, and
+``daemon`` runs the worker loop between them; ``notify``, ``metrics`` and ``web`` are what
+systemd, Prometheus and a browser see of it.
 """

@@ -1,12 +1,12 @@
 """Checkpoints: everything a restart needs to carry on as if the process had never stopped.
 
 A checkpoint holds, per stack, its accumulator arrays (and warm-up buffer), its reference stars
-and its gate history; and, for the whole run, the set of files already handled (with size and
-mtime), the calibration frames seen, and the length of ``frames.jsonl`` at that moment. It is
-written as generation-numbered ``.npz`` files, then one ``checkpoint.json`` naming them, each
-atomically (temp file, fsync, rename); the rename of ``checkpoint.json`` is the single moment a
-new checkpoint becomes the truth, so a kill at any instant leaves either the old one or the new
-one, never a mixture.
+and its gate history; and, for the whole run, the set of files already handled (with size,
+mtime, outcome and content fingerprint), the calibration frames seen, and the length of
+``frames.jsonl`` at that moment. It is written as generation-numbered ``.npz`` files, then one
+``checkpoint.json`` naming them, each atomically (temp file, fsync, rename); the rename of
+``checkpoint.json`` is the single moment a new checkpoint becomes the truth, so a kill at any
+instant leaves either the old one or the new one, never a mixture.
 
 On restart the journal is cut back to the recorded length: rows written after the checkpoint
 describe work whose effect on the stacks was lost with the process, so those files are simply
@@ -34,7 +34,10 @@ from subwatch.frames.outputs import atomic_write_bytes, write_json_atomic
 log = logging.getLogger(__name__)
 
 FOLDER = ".checkpoint"
-VERSION = 1
+# 2: each handled file also carries its content fingerprint (see ``ledger``). Version 1
+# checkpoints load as they are: their entries simply have no fingerprint.
+VERSION = 2
+READABLE = (1, 2)
 
 
 class CheckpointError(Exception):
@@ -44,7 +47,7 @@ class CheckpointError(Exception):
 @dataclass
 class CheckpointState:
     journal_offset: int
-    processed: dict[str, list[Any]]  # relative path -> [size, mtime, status]
+    processed: dict[str, list[Any]]  # relative path -> [size, mtime, status, fingerprint]
     calibration: list[dict[str, Any]]  # {"path": relative path, "meta": FrameMeta fields}
     counts: dict[str, int]
     stacks: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=list)
@@ -87,7 +90,7 @@ def load_checkpoint(output: Path) -> CheckpointState | None:
         return None
     try:
         doc = json.loads(index.read_text())
-        if doc.get("version") != VERSION:
+        if doc.get("version") not in READABLE:
             raise CheckpointError(f"checkpoint version {doc.get('version')} is not {VERSION}")
         stacks = []
         for name in doc["stacks"]:

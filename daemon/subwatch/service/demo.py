@@ -2,22 +2,36 @@
 
 The simulator writes a session into ``OUT/capture`` the way capture software does (calibration
 frames first, then lights one by one, each written in place in chunks), while the daemon watches
-that folder and stacks into ``OUT/output``. A few subs carry the night's usual accidents (a
-satellite trail, cosmic rays, a cloud, a focus slip) so the journal shows rejections with
-reasons. The demo ends on its own once the last light is stacked.
+that folder and stacks into ``OUT/output``, serving the live page (its URL is printed; the
+usual ``127.0.0.1:8750``, or a free port when that one is taken). A few subs carry the night's
+usual accidents (a satellite trail, cosmic rays, a cloud, a focus slip) so the journal shows
+rejections with reasons. The demo ends on its own once the last light is stacked.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import threading
 from pathlib import Path
 from typing import Any
 
-from subwatch.config import Config
+from subwatch.config import Config, HttpConfig, split_listen
 
 log = logging.getLogger(__name__)
+
+
+def _listen(preferred: str) -> str:
+    """``preferred`` if nothing listens there yet, else a free port on the same host."""
+    host, port = split_listen(preferred)
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return preferred
+        except OSError:
+            probe.bind((host, 0))
+            return f"{host}:{probe.getsockname()[1]}"
 
 
 def demo_defects(frames: int) -> dict[int, list[str]]:
@@ -42,7 +56,8 @@ def run_demo(
     seed: int = 7,
     stop: threading.Event | None = None,
 ) -> int:
-    from subwatch.service.daemon import run_daemon
+    from subwatch.service.daemon import Daemon
+    from subwatch.service.pipeline import Pipeline
     from subwatch.simulate import SimOptions, simulate_session
 
     out = Path(out).resolve()
@@ -78,6 +93,7 @@ def run_demo(
         {
             "watch": {"path": str(capture), "settle_seconds": 0.5, "poll_seconds": 0.25},
             "output": {"path": str(output)},
+            "http": {"listen": _listen(HttpConfig().listen)},
         }
     )
     print(f"subwatch demo: simulating {frames} lights of {width}x{height} every {interval:g} s")
@@ -96,11 +112,17 @@ def run_demo(
             flush=True,
         )
 
+    daemon = Daemon(cfg, stop=stop, idle_exit=sim_done, serve_http=True)
+
+    def started(pipeline: Pipeline) -> None:
+        if daemon.web is not None:
+            print(f"  live page:      {daemon.web.url}  (metrics: {daemon.web.base_url}metrics)")
+        pipeline.listeners.append(show)
+        thread.start()  # capture starts once the daemon watches
+
     thread = threading.Thread(target=simulate, name="simulator", daemon=True)
-    thread.start()
-    summary = run_daemon(
-        cfg, stop=stop, idle_exit=sim_done, pipeline_hook=lambda p: p.listeners.append(show)
-    )
+    daemon.pipeline_hook = started
+    summary = daemon.run()
     thread.join(timeout=5)
     if failure:
         print(f"subwatch demo: the simulator failed: {failure[0]}")
