@@ -276,7 +276,11 @@ class Daemon:
             row = self._handle(candidate)
             while pipeline.retry:
                 again = pipeline.retry.pop(0)
-                st = again.stat()
+                try:
+                    st = again.stat()
+                except OSError as exc:
+                    log.warning("%s: not tried again: %s", again.name, exc)
+                    continue
                 retried = pipeline.process(again, st.st_size, st.st_mtime)
                 self.ledger.taken(retried["file"], _identity(again), retried)
             if pipeline.checkpoint_due():

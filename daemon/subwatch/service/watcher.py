@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -252,9 +253,7 @@ class Watcher:
             st = os.stat(self.root)
         except OSError:
             return None
-        if not os.path.isdir(self.root):
-            return None
-        return (st.st_dev, st.st_ino)
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
     def _went(self) -> None:
         log.warning(
