@@ -515,11 +515,18 @@ def _saturation_level(raw: np.ndarray, calibrated: np.ndarray) -> float | None:
     """The calibrated level at which star cores clipped, or None if nothing clipped.
 
     Clipping shows as a plateau: several pixels sharing exactly the highest raw value (the ADC
-    ceiling, whatever the camera's bit depth), or values near the 16-bit ceiling.
+    ceiling, whatever the camera's bit depth), or values near the 16-bit ceiling. Comparisons
+    stay in the raw integer type (a float threshold would convert the whole frame): 5 ms at
+    26 MP instead of 50-90.
     """
-    top = float(raw.max())
-    at_top = raw >= top
-    if top < 60000 and int(at_top.sum()) < 3:
+    top = raw.max()
+    if float(top) < 60000 and np.count_nonzero(raw == top) < 3:
         return None
-    lum = calibrated if calibrated.ndim == 2 else calibrated.mean(axis=2)
-    return float(np.percentile(lum[raw >= 0.995 * top], 5)) * 0.98
+    if np.issubdtype(raw.dtype, np.integer):
+        near = raw >= raw.dtype.type(np.ceil(0.995 * float(top)))
+    else:
+        near = raw >= 0.995 * top
+    idx = np.flatnonzero(near)
+    values = calibrated.reshape(-1, *calibrated.shape[2:])[idx]
+    lum = values if values.ndim == 1 else values.mean(axis=1)
+    return float(np.percentile(lum, 5)) * 0.98

@@ -18,32 +18,12 @@ like one in the hundredth.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from subwatch.stack.kernels import welford_update
-
-BLOCK_ROWS = 64
-MAD_TO_SIGMA = 1.4826
-
-
-def _median_of_planes(planes: list[np.ndarray]) -> np.ndarray:
-    """Element-wise median of a few equally shaped arrays, by an odd-even transposition sort.
-
-    For the handful of subs in a warm-up buffer, k passes of element-wise min/max are several
-    times faster than numpy's sort along a short first axis.
-    """
-    p = [a.copy() for a in planes]
-    k = len(p)
-    for rnd in range(k):
-        for i in range(rnd % 2, k - 1, 2):
-            lo = np.minimum(p[i], p[i + 1])
-            np.maximum(p[i], p[i + 1], out=p[i + 1])
-            p[i] = lo
-    return 0.5 * (p[(k - 1) // 2] + p[k // 2])
+from subwatch.stack.kernels import warmup_flush, welford_update
 
 
 @dataclass
@@ -76,6 +56,8 @@ class WeightedAccumulator:
         self.S = np.zeros(self.shape, np.float32)
         self.count = np.zeros(self.shape[:2], np.uint16)
         self.buffer: list[_Buffered] = []
+        self._cube: np.ndarray | None = None
+        self._seen: np.ndarray | None = None
         self.sky = 0.0
         self.n_frames = 0
         self.n_streamed = 0
@@ -92,7 +74,6 @@ class WeightedAccumulator:
         *,
         scale: float = 1.0,
         offset: float = 0.0,
-        noise_mesh: np.ndarray | None = None,
     ) -> AddResult:
         """Integrate ``scale * image + offset``, a registered sub, where ``coverage`` is set.
 
@@ -103,24 +84,16 @@ class WeightedAccumulator:
         ``noise`` is the sub's sky noise (ADU, after normalisation) and ``sky`` the reference's
         sky level: together they floor the rejection spread at the noise a pixel of the running
         mean's brightness must have (photon noise grows as the square root of the signal), so
-        nebula and star cores are not clipped for being noisier than the sky. ``noise_mesh``
-        (a coarse grid over the frame, ADU) replaces the single ``noise`` where the sky noise
-        varies across the field (vignetting lifted by the flat, gradients).
+        nebula and star cores are not clipped for being noisier than the sky.
         """
         self.sky = max(float(sky), 0.0)
         if image.shape != self.shape:
             raise ValueError(f"sub shape {image.shape} differs from the stack's {self.shape}")
         covered = coverage if coverage.dtype == np.bool_ else coverage >= 0.999
         self.n_frames += 1
-        mesh = np.float32(noise) if noise_mesh is None else np.asarray(noise_mesh, np.float32)
         if self.n_streamed == 0 and len(self.buffer) < self.warmup:
             self.count += covered
-            normalised = image.astype(np.float32, copy=True)
-            if scale != 1.0:
-                normalised *= np.float32(scale)
-            if offset != 0.0:
-                normalised += np.float32(offset)
-            self.buffer.append(_Buffered(normalised, covered, weight, noise))
+            self._buffer_sub(image, covered, weight, noise, scale, offset)
             if len(self.buffer) < self.warmup:
                 return AddResult(None, int(covered.sum()))
             return AddResult(None, int(covered.sum()), warmup_rejected=self._flush_buffer())
@@ -134,7 +107,7 @@ class WeightedAccumulator:
             scale=scale,
             offset=offset,
             kappa=self.kappa,
-            floor_mesh=np.atleast_2d(mesh * mesh),
+            floor_mesh=np.full((1, 1), noise * noise, np.float32),
             sky=self.sky,
             count=self.count,
         )
@@ -143,68 +116,23 @@ class WeightedAccumulator:
 
     def _flush_buffer(self) -> list[int]:
         """Integrate the warm-up subs, each pixel clipped against the buffer's median."""
-        clips = self._warmup_clips() if self.kappa is not None else [None] * len(self.buffer)
-        counts = []
-        for sub, clip in zip(self.buffer, clips, strict=True):
-            welford_update(
-                sub.image, sub.covered, self.W, self.M, self.S, weight=sub.weight, clip=clip
-            )
-            self.n_streamed += 1
-            if clip is None:
-                counts.append(0)
-            else:
-                counts.append(int(clip.any(axis=2).sum() if clip.ndim == 3 else clip.sum()))
-        self.buffer = []
-        return counts
-
-    def _warmup_clips(self) -> list[np.ndarray]:
-        """Per buffered sub, the pixels beyond kappa robust spreads of the buffer's median.
-
-        The spread is the larger of the buffered values' MAD-sigma and the subs' sky noise, so
-        star cores that vary with seeing are not clipped, and a pixel seen by fewer than three
-        subs is not judged at all. Pixels every buffered sub covers (nearly all) take a sorted
-        fast path; the dither edges take NaN-aware medians.
-        """
         k = len(self.buffer)
-        noise = np.float32(max(max(b.noise for b in self.buffer), 1e-6))
-        kappa = np.float32(self.kappa)
-        clips = [np.zeros(self.shape, bool) for _ in range(k)]
-        for r0 in range(0, self.shape[0], BLOCK_ROWS):
-            rows = slice(r0, r0 + BLOCK_ROWS)
-            cube = np.stack([b.image[rows] for b in self.buffer])
-            seen = np.stack([b.covered[rows] for b in self.buffer])
-            if cube.ndim == 4:
-                seen = seen[..., None].repeat(cube.shape[3], 3)
-            full = seen.all(axis=0)
-            med = _median_of_planes(list(cube))
-            mad = _median_of_planes([np.abs(plane - med) for plane in cube])
-            out = np.abs(cube - med) > kappa * np.maximum(np.float32(MAD_TO_SIGMA) * mad, noise)
-            out &= full
-            partial = ~full & (seen.sum(axis=0) >= 3)
-            if partial.any():
-                out |= self._clip_partial(cube, seen, partial, kappa, noise)
-            for i in range(k):
-                clips[i][rows] = out[i]
-        return clips
-
-    @staticmethod
-    def _clip_partial(
-        cube: np.ndarray,
-        seen: np.ndarray,
-        partial: np.ndarray,
-        kappa: np.float32,
-        noise: np.float32,
-    ) -> np.ndarray:
-        """The same clipping where only some buffered subs cover a pixel (NaN-aware, slower)."""
-        values = np.where(seen, cube, np.nan)[:, partial]
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(values, axis=0)
-            mad = np.float32(MAD_TO_SIGMA) * np.nanmedian(np.abs(values - med), axis=0)
-            hit = np.abs(values - med) > kappa * np.maximum(mad, noise)
-        out = np.zeros(cube.shape, bool)
-        out[:, partial] = hit & seen[:, partial]
-        return out
+        assert self._cube is not None and self._seen is not None
+        cube, seen = self._cube[:k], self._seen[:k]
+        counts = warmup_flush(
+            cube,
+            seen,
+            np.array([b.weight for b in self.buffer]),
+            self.W,
+            self.M,
+            self.S,
+            kappa=self.kappa,
+            noise=max(b.noise for b in self.buffer),
+        )
+        self.n_streamed += k
+        self.buffer = []
+        self._cube = self._seen = None
+        return counts
 
     # -- reading the stack ---------------------------------------------------------------------
 
@@ -259,10 +187,29 @@ class WeightedAccumulator:
             setattr(acc, name, arrays[name].astype(getattr(acc, name).dtype, copy=True))
         acc.n_frames = int(meta["n_frames"])
         acc.n_streamed = int(meta["n_streamed"])
-        acc.buffer = [
-            _Buffered(
+        for i, b in enumerate(meta["buffer"]):
+            acc._buffer_sub(
                 arrays[f"buffer_image_{i}"], arrays[f"buffer_covered_{i}"], b["weight"], b["noise"]
             )
-            for i, b in enumerate(meta["buffer"])
-        ]
         return acc
+
+    def _buffer_sub(
+        self,
+        image: np.ndarray,
+        covered: np.ndarray,
+        weight: float,
+        noise: float,
+        scale: float = 1.0,
+        offset: float = 0.0,
+    ) -> None:
+        """Hold a normalised sub in the warm-up buffer, one (k, H, W) block for all of them."""
+        if self._cube is None:
+            self._cube = np.empty((self.warmup, *self.shape), np.float32)
+            self._seen = np.empty((self.warmup, *self.shape[:2]), bool)
+        assert self._seen is not None
+        i = len(self.buffer)
+        np.multiply(image, np.float32(scale), out=self._cube[i])
+        if offset != 0.0:
+            self._cube[i] += np.float32(offset)
+        self._seen[i] = covered
+        self.buffer.append(_Buffered(self._cube[i], self._seen[i], weight, noise))

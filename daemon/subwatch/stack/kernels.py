@@ -184,3 +184,113 @@ def welford_update(
         cell_x,
         np.float32(1.0 / sky if sky > 0 else 0.0),
     )
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_prefix(a: np.ndarray, n: int) -> None:
+    """Insertion sort of ``a[:n]`` in place: a warm-up buffer holds a handful of values."""
+    for i in range(1, n):
+        v = a[i]
+        j = i - 1
+        while j >= 0 and a[j] > v:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = v
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def _flush(
+    cube: np.ndarray,
+    covered: np.ndarray,
+    weights: np.ndarray,
+    W: np.ndarray,
+    M: np.ndarray,
+    S: np.ndarray,
+    judge: bool,
+    kappa: np.float32,
+    noise: np.float32,
+) -> np.ndarray:
+    k, h, w, nc = cube.shape
+    counts = np.zeros((h, k), np.int64)
+    mad_to_sigma = np.float32(1.4826)
+    for i in numba.prange(h):
+        vals = np.empty(k, np.float32)
+        devs = np.empty(k, np.float32)
+        hit = np.zeros(k, np.bool_)
+        clipped = np.zeros(k, np.bool_)
+        for j in range(w):
+            hit[:] = False
+            for c in range(nc):
+                n = 0
+                for s in range(k):
+                    if covered[s, i, j]:
+                        vals[n] = cube[s, i, j, c]
+                        n += 1
+                clipped[:] = False
+                if judge and n >= 3:
+                    _sort_prefix(vals, n)
+                    med = np.float32(0.5) * (vals[(n - 1) // 2] + vals[n // 2])
+                    m = 0
+                    for s in range(k):
+                        if covered[s, i, j]:
+                            devs[m] = abs(cube[s, i, j, c] - med)
+                            m += 1
+                    _sort_prefix(devs, n)
+                    mad = np.float32(0.5) * (devs[(n - 1) // 2] + devs[n // 2])
+                    spread = max(mad_to_sigma * mad, noise)
+                    for s in range(k):
+                        if covered[s, i, j] and abs(cube[s, i, j, c] - med) > kappa * spread:
+                            clipped[s] = True
+                            hit[s] = True
+                for s in range(k):
+                    if not covered[s, i, j] or clipped[s]:
+                        continue
+                    v = cube[s, i, j, c]
+                    wt = weights[s]
+                    m_old = M[i, j, c]
+                    delta = v - m_old
+                    w_new = W[i, j, c] + wt
+                    m_new = m_old + (wt / w_new) * delta
+                    W[i, j, c] = w_new
+                    M[i, j, c] = m_new
+                    S[i, j, c] += wt * delta * (v - m_new)
+            for s in range(k):
+                if hit[s]:
+                    counts[i, s] += 1
+    return counts.sum(axis=0)
+
+
+def warmup_flush(
+    cube: np.ndarray,
+    covered: np.ndarray,
+    weights: np.ndarray,
+    W: np.ndarray,
+    M: np.ndarray,
+    S: np.ndarray,
+    *,
+    kappa: float | None,
+    noise: float,
+) -> list[int]:
+    """Integrate a warm-up buffer, each value clipped against the buffer's median.
+
+    ``cube`` is ``(k, H, W)`` or ``(k, H, W, C)``, ``covered`` ``(k, H, W)``. A value is clipped
+    when it lies more than ``kappa`` spreads from the median of the buffered values of its
+    pixel, the spread being the larger of their MAD-sigma and ``noise`` (so star cores that
+    vary with seeing are kept); a pixel seen by fewer than three subs is not judged. The
+    survivors enter (W, M, S) sub by sub, exactly as streamed subs do. Returns, per buffered
+    sub, the number of pixels clipped in any channel.
+    """
+    c4 = cube[..., None] if cube.ndim == 3 else cube
+    W3, M3, S3 = (_channels_last(a) for a in (W, M, S))
+    counts = _flush(
+        c4,
+        np.ascontiguousarray(covered, np.bool_),
+        np.asarray(weights, np.float32),
+        W3,
+        M3,
+        S3,
+        kappa is not None,
+        np.float32(kappa or 0.0),
+        np.float32(max(noise, 1e-6)),
+    )
+    return [int(v) for v in counts]
