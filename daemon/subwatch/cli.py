@@ -1,4 +1,4 @@
-"""The ``subwatch`` command: run, demo, simulate, check-config.
+"""The ``subwatch`` command: run, demo, simulate, check-config, enhance.
 
 Flags override the config file, and ``run`` works with flags alone. Expected failures (a bad
 config, a missing folder) end with one clear line on stderr and a non-zero exit, never a
@@ -94,6 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path)
     check.add_argument("--print", action="store_true", help="print the effective config")
+
+    enhance = sub.add_parser(
+        "enhance",
+        help="gradient, SNR, PSF, deconvolution and stretched previews of a linear FITS",
+        description="The preview pipeline on any linear FITS (a stack from subwatch, Siril or"
+        " PixInsight); products go to OUT/<target>/<filter>/.",
+    )
+    enhance.add_argument("stack", type=Path, help="a linear FITS image (a stack)")
+    enhance.add_argument("--out", type=Path, required=True, help="folder for the products")
+    enhance.add_argument(
+        "--config", type=Path, help="YAML config: its previews, deconvolution, denoise sections"
+    )
     return parser
 
 
@@ -114,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             return simulate.run_cli(args)
         if args.command == "check-config":
             return _cmd_check(args)
+        if args.command == "enhance":
+            from subwatch.enhance import cli as enhance_cli
+
+            return enhance_cli.run_cli(args)
     except ConfigError as exc:
         print(f"subwatch: config error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -10,6 +10,9 @@ Threads, and what each may do:
   takes one file at a time: asks the ledger whether it was already taken, runs the pipeline,
   checkpoints, and keeps systemd, the metrics and the status up to date. The pipeline and its
   state are touched by this thread only.
+- the preview dispatcher (``previewer``) renders previews of snapshots the worker hands it
+  (in a separate, niced process by default) and merges their numbers into status.json; it
+  never touches the stacks.
 - the HTTP server (``web``) reads the output folder, the metrics and ``status()``.
 
 Signals only set flags (``request_stop``, ``request_reload``); the worker acts on them between
@@ -39,10 +42,12 @@ from subwatch.service.logs import setup_logging
 from subwatch.service.metrics import Metrics
 from subwatch.service.notify import Notifier, status_line
 from subwatch.service.pipeline import Pipeline
+from subwatch.service.previewer import Previewer, PreviewSchedule, RenderFactory
 from subwatch.service.reload import reconcile
 from subwatch.service.scanner import Candidate, Scanner
 
 if TYPE_CHECKING:
+    from subwatch.enhance.previews import PreviewRequest
     from subwatch.service.web import WebServer
 
 log = logging.getLogger(__name__)
@@ -112,6 +117,8 @@ class Daemon:
     thread (the demo's simulator, after its last frame), return as soon as nothing is pending.
     ``reload_config``: how SIGHUP gets the new config (the file plus the command-line flags).
     ``serve_http``: None serves when ``http.enabled`` and not ``once``.
+    ``preview_mode``: where previews are rendered, ``"process"`` or ``"thread"``;
+    ``preview_factory`` builds the render function there (tests pass stand-ins).
     """
 
     def __init__(
@@ -127,6 +134,8 @@ class Daemon:
         serve_http: bool | None = None,
         queue_size: int = QUEUE_SIZE,
         pipeline_hook: Callable[[Pipeline], None] | None = None,
+        preview_mode: str = "process",
+        preview_factory: RenderFactory | None = None,
     ) -> None:
         if cfg.watch.path is None:
             raise ValueError("no watch folder: give --watch or watch.path")
@@ -150,6 +159,10 @@ class Daemon:
         self.feeder: Feeder | None = None
         self.pipeline: Pipeline | None = None
         self.ledger = Ledger({})
+        self.preview_mode = preview_mode
+        self.preview_factory = preview_factory
+        self.previewer: Previewer | None = None
+        self.schedule = PreviewSchedule()
 
     # -- called from signal handlers and other threads -----------------------------------------
 
@@ -198,8 +211,11 @@ class Daemon:
             try:
                 pipeline.finish()
             finally:
-                if self.web is not None:
-                    self.web.stop()
+                try:
+                    self._finish_previews()
+                finally:
+                    if self.web is not None:
+                        self.web.stop()
         if feeder.failure is not None:
             raise RuntimeError("the folder watcher failed") from feeder.failure
         stacks = {f"{s.target}/{s.filter}": s.stacked for s in pipeline.stacks.values()}
@@ -225,6 +241,13 @@ class Daemon:
         pipeline.listeners.append(self.metrics.observe_row)
         for session in pipeline.stacks.values():
             self.metrics.observe_stack(pipeline.stack_status(session))
+            done = pipeline.preview_status.get(session.key, {}).get("preview", {})
+            self.schedule.mark(session.key, int(done.get("frames") or 0))
+        if cfg.previews.enabled:
+            options: dict[str, Any] = {"mode": self.preview_mode, "on_result": self._preview_done}
+            if self.preview_factory is not None:
+                options["factory"] = self.preview_factory
+            self.previewer = Previewer(**options)
         idle = self.idle_exit
         feeder = self.feeder = Feeder(
             scanner,
@@ -270,6 +293,7 @@ class Daemon:
                     return
                 if pipeline.checkpoint_due():
                     pipeline.checkpoint()
+                self._request_previews()
                 continue
             if self.queue.qsize() <= self.queue.maxsize // 2:
                 feeder.wake()
@@ -288,6 +312,7 @@ class Daemon:
             if row is not None:
                 self.processed += 1
             self._refresh(row)
+            self._request_previews()
 
     def _handle(self, candidate: Candidate) -> dict[str, Any] | None:
         """One file from the queue to one journal row (none for a touched, unchanged file)."""
@@ -323,6 +348,48 @@ class Daemon:
             pipeline.record(row)
             self.ledger.taken(rel, candidate.fingerprint, row)
         return row
+
+    # -- previews ------------------------------------------------------------------------------
+
+    def _request_previews(self, *, final: bool = False) -> None:
+        """Hand the previewer a snapshot of each stack that is due (``final``: each with subs
+        added since its last preview). Only a copy of the mean image is taken here."""
+        if self.previewer is None or self.pipeline is None or not self.cfg.previews.enabled:
+            return
+        for session in list(self.pipeline.stacks.values()):
+            if not session.has_reference:
+                continue
+            key, frames = session.key, session.stacked
+            if final:
+                due = frames > self.schedule.frames(key)
+            else:
+                due = self.schedule.due(key, frames, self.cfg.previews)
+            if due:
+                self.previewer.request(self.pipeline.preview_request(session))
+                self.schedule.mark(key, frames)
+
+    def _preview_done(self, request: PreviewRequest, status: dict[str, Any]) -> None:
+        """On the preview thread: status.json, and the preview timings and stack SNR metrics."""
+        assert self.pipeline is not None
+        doc = self.pipeline.merge_preview(request.key, status)
+        for product, seconds in status.get("preview", {}).get("product_seconds", {}).items():
+            self.metrics.observe_preview(seconds, product)
+        self.metrics.observe_stack(doc)
+
+    def _finish_previews(self) -> None:
+        """A run that finishes (``--once``, the demo) renders its final previews and waits for
+        them; a stop abandons what is pending."""
+        previewer = self.previewer
+        if previewer is None:
+            return
+        finishing = not self.stop.is_set() and (
+            self.once or (self.idle_exit is not None and self.idle_exit.is_set())
+        )
+        if finishing:
+            self._request_previews(final=True)
+            if previewer.pending() or previewer.busy is not None:
+                log.info("rendering the final previews")
+        previewer.close(drain=finishing, stop=self.stop)
 
     # -- reporting -----------------------------------------------------------------------------
 

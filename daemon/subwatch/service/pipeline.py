@@ -8,7 +8,9 @@ frame: a bad frame is a row, not a crash.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,6 +23,13 @@ from astropy.io import fits
 from subwatch import __version__
 from subwatch.calibration import CalibrationLibrary, calibrate_light
 from subwatch.config import Config
+from subwatch.enhance.previews import (
+    PREVIEW_FIELDS,
+    PreviewOptions,
+    PreviewRequest,
+    StackSnapshot,
+    history_point,
+)
 from subwatch.frames import (
     FrameMeta,
     FrameReadError,
@@ -41,6 +50,7 @@ from subwatch.stack.photometry import FluxScale, flux_scale, reference_photometr
 log = logging.getLogger(__name__)
 
 CALIBRATION_KINDS = ("bias", "dark", "flat", "dark-flat")
+SNR_HISTORY = 500  # (integration, SNR) points kept per stack for the forecast
 
 
 class Timer:
@@ -95,6 +105,14 @@ class Pipeline:
         self.retry: list[Path] = []
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        # Per stack: the normalised sky noise and weight of each sub integrated (the noise the
+        # stack should have follows from them), and the last preview's status.json fields.
+        # Previews finish on another thread: status.json is written under this lock, always
+        # from the latest stack fields and the latest preview fields together.
+        self.sub_noise: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.preview_status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._stack_fields: dict[tuple[str, str], dict[str, Any]] = {}
+        self._status_lock = threading.Lock()
 
     # -- one frame ---------------------------------------------------------------------------
 
@@ -298,6 +316,7 @@ class Pipeline:
             scale=scale.scale,
         )
         record["rejected_pixels"] = added.rejected_pixels
+        self._note_sub_noise(session.key, m.background.noise, scale.scale)
         session.files.append(record["file"])
         if added.warmup_rejected:
             # The warm-up buffer was integrated with this sub: say what each buffered sub lost.
@@ -469,6 +488,79 @@ class Pipeline:
         self.calibration_files = list(state.calibration)
         for item in self.calibration_files:
             self.library.add(self.root / item["path"], FrameMeta(**item["meta"]))
+        self._restore_preview_state()
+
+    def _restore_preview_state(self) -> None:
+        """After a restart: each sub's noise from the journal (already cut back to the
+        checkpoint), and the last preview's fields from each stack's status.json."""
+        for row in self.journal.read():
+            key = (row.get("target"), row.get("filter"))
+            if row.get("status") != "stacked" or key not in self.stacks:
+                continue
+            if row.get("noise") is not None:
+                self._note_sub_noise(key, float(row["noise"]), float(row.get("flux_scale") or 1.0))
+        for key in self.stacks:
+            try:
+                doc = json.loads((self.output / key[0] / key[1] / "status.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("preview"), dict):
+                self.preview_status[key] = {k: doc[k] for k in PREVIEW_FIELDS if k in doc}
+
+    def _note_sub_noise(self, key: tuple[str, str], noise: float, scale: float) -> None:
+        """The sub's noise after normalisation and its weight, as ``StackSession.add`` has
+        them (inverse variance with noise weighting)."""
+        stacking = self.cfg.stacking
+        sigma = (scale if stacking.normalize else 1.0) * noise
+        weight = 1.0 / (sigma * sigma) if stacking.weighting == "noise" and sigma > 0 else 1.0
+        self.sub_noise.setdefault(key, []).append((round(sigma, 4), weight))
+
+    # -- previews ----------------------------------------------------------------------------
+
+    def preview_request(self, session: StackSession) -> PreviewRequest:
+        """A preview of ``session`` as it is now, safe to hand to another thread or process.
+
+        The image is the snapshot's own copy (``mean`` returns a new array), NaN where no sub
+        covered the stack (dither edges): the per-frame thread goes on changing the stack.
+        """
+        acc = session.accumulator
+        assert acc is not None
+        image = acc.mean()
+        image[acc.count == 0] = np.nan
+        noises = self.sub_noise.get(session.key, [])
+        history = self.preview_status.get(session.key, {}).get("snr_history", [])
+        snapshot = StackSnapshot(
+            image,
+            target=session.target,
+            filter=session.filter,
+            n_frames=session.stacked,
+            integration_s=session.exptime_total,
+            sub_noises=[n for n, _ in noises],
+            weights=[w for _, w in noises],
+            snr_history=[(float(t), float(v)) for t, v in history],
+        )
+        folder = self.output / session.target / session.filter
+        return PreviewRequest(snapshot, folder, PreviewOptions.from_config(self.cfg))
+
+    def merge_preview(self, key: tuple[str, str], status: dict[str, Any]) -> dict[str, Any]:
+        """Take a finished preview's fields into the stack's status.json (thread-safe); returns
+        the whole document."""
+        with self._status_lock:
+            history = list(self.preview_status.get(key, {}).get("snr_history", []))
+            point = history_point(status)
+            if point is not None:
+                history = [*history, list(point)][-SNR_HISTORY:]
+            fields = {k: v for k, v in status.items() if k in PREVIEW_FIELDS}
+            fields["snr_history"] = history
+            self.preview_status[key] = fields
+            return self._write_status(key)
+
+    def _write_status(self, key: tuple[str, str]) -> dict[str, Any]:
+        """Write status.json from the latest stack and preview fields; hold the lock."""
+        base = self._stack_fields.get(key) or {"target": key[0], "filter": key[1]}
+        doc = {**base, **self.preview_status.get(key, {})}
+        write_json_atomic(self.output / key[0] / key[1] / "status.json", doc)
+        return doc
 
     def _write_stack(self, session: StackSession) -> Path:
         assert session.accumulator is not None
@@ -493,10 +585,19 @@ class Pipeline:
             header["CTYPE3"] = "RGB"
         path = folder / "stack.fits"
         write_fits_atomic(path, data, header)
-        write_json_atomic(folder / "status.json", self.stack_status(session))
+        self.stack_status(session)
+        with self._status_lock:
+            self._write_status(session.key)
         return path
 
     def stack_status(self, session: StackSession) -> dict[str, Any]:
+        """The stack's status.json document: its own fields, and its last preview's."""
+        fields = self._stack_fields_of(session)
+        with self._status_lock:
+            self._stack_fields[session.key] = fields
+            return {**fields, **self.preview_status.get(session.key, {})}
+
+    def _stack_fields_of(self, session: StackSession) -> dict[str, Any]:
         return {
             "target": session.target,
             "filter": session.filter,

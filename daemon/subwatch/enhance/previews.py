@@ -1,0 +1,521 @@
+"""The preview cycle: from a linear stack to the images and numbers a user looks at.
+
+One call, ``make_previews``, takes a snapshot of a stack (its linear mean image and what is
+known about how it was made) and, in this order:
+
+1. fits the sky **gradient** to star-free samples and removes it (subtracted for light
+   pollution, divided for vignetting-like gradients);
+2. measures the stack's **SNR** against the noise its subs promise (sqrt(N) growth) and
+   forecasts the integration still needed to reach ``target_snr``; the per-pixel SNR map goes
+   to ``snr.fits``;
+3. measures the **PSF** from the stack's stars and **deconvolves** the gradient-free image with
+   it (regularised Richardson-Lucy, stopping early when it stops improving);
+4. **stretches** each result for the eye and writes ``preview.png``, ``deconvolved.png`` and
+   the linear ``background.fits``, ``deconvolved.fits`` and ``snr.fits``, each atomically.
+
+It returns the numbers for ``status.json``: the gradient, the SNR report and its forecast, the
+PSF, and how long each step took. Nothing here knows about the daemon: the same function
+serves ``subwatch enhance`` on any linear FITS and the preview worker on a live stack, and a
+step that cannot run (no stars for a PSF, no denoiser model) is skipped and said, not raised.
+
+Colour stacks are (H, W, 3), channel last. Pixels no sub covered are NaN in the snapshot: they
+are filled with the sky level for the science steps, black in the PNGs and NaN in the FITS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from astropy.io import fits
+
+from subwatch import __version__
+from subwatch.frames import write_fits_atomic
+
+if TYPE_CHECKING:
+    from subwatch.config import Config
+
+log = logging.getLogger(__name__)
+
+PRODUCTS = ("preview", "denoised", "deconvolved")
+# The status.json fields a preview owns (the stack's own fields are the pipeline's).
+PREVIEW_FIELDS = (
+    "snr",
+    "gradient",
+    "snr_report",
+    "psf",
+    "deconvolution",
+    "preview",
+    "composite",
+    "snr_history",
+)
+
+
+@dataclass(frozen=True)
+class PreviewOptions:
+    """What to render and how: the ``previews``, ``deconvolution`` and ``denoise`` settings."""
+
+    products: tuple[str, ...] = PRODUCTS
+    gradient_method: str = "polynomial"
+    gradient_order: int = 2
+    gradient_mode: str = "subtract"
+    target_snr: float = 50.0
+    midtone: float = 0.2
+    deconvolve: bool = True
+    max_iterations: int = 30
+    regularization: float = 0.002
+    psf_size: int = 25
+    psf_grid: bool = False
+    denoise: bool = True
+    denoise_model: str | None = None
+    composite: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PreviewOptions:
+        p, d, n = cfg.previews, cfg.deconvolution, cfg.denoise
+        return cls(
+            products=tuple(p.products),
+            gradient_method=p.gradient,
+            gradient_order=p.gradient_order,
+            gradient_mode=p.gradient_mode,
+            target_snr=p.target_snr,
+            midtone=p.stretch_midtone,
+            deconvolve=d.enabled,
+            max_iterations=d.max_iterations,
+            regularization=d.regularization,
+            psf_size=d.psf_size,
+            psf_grid=d.psf_grid,
+            denoise=n.enabled,
+            denoise_model=str(n.model) if n.model is not None else None,
+        )
+
+    def wants(self, product: str) -> bool:
+        if product not in self.products:
+            return False
+        if product == "deconvolved":
+            return self.deconvolve
+        if product == "denoised":
+            return self.denoise
+        return True
+
+
+@dataclass
+class StackSnapshot:
+    """A stack frozen at one moment: the image is this snapshot's own copy, never shared.
+
+    ``sub_noises`` and ``weights`` describe the integrated subs (sky noise after
+    normalisation, ADU, and the weight each got), from which the noise the stack should have
+    follows; ``snr_history`` holds earlier ``(integration_seconds, snr)`` measurements of the
+    same stack, which the forecast extrapolates.
+    """
+
+    image: np.ndarray
+    target: str = "stack"
+    filter: str = "nofilter"
+    n_frames: int = 1
+    integration_s: float = 0.0
+    sub_noises: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    snr_history: list[tuple[float, float]] = field(default_factory=list)
+    header: dict[str, Any] = field(default_factory=dict)
+
+    def without_image(self) -> StackSnapshot:
+        """The metadata alone (the image travels apart, e.g. through shared memory)."""
+        return StackSnapshot(
+            np.empty((0,), np.float32),
+            self.target,
+            self.filter,
+            self.n_frames,
+            self.integration_s,
+            list(self.sub_noises),
+            list(self.weights),
+            list(self.snr_history),
+            dict(self.header),
+        )
+
+
+@dataclass
+class PreviewRequest:
+    """One preview to make: a snapshot, the folder its products go to, and the options."""
+
+    snapshot: StackSnapshot
+    out_dir: Path
+    options: PreviewOptions = field(default_factory=PreviewOptions)
+    requested: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.snapshot.target, self.snapshot.filter)
+
+
+@dataclass
+class PreviewResult:
+    """``status`` is what goes into status.json; ``flat`` is the gradient-free linear image."""
+
+    status: dict[str, Any]
+    flat: np.ndarray | None = None
+
+
+class _Steps:
+    """Seconds per step, and per product for the metrics."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + spent, 4)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def fill_invalid(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 image with NaN/Inf replaced by each channel's median, and the (H, W) bad mask.
+
+    The science steps (gradient fit, star detection, FFT convolution) need finite pixels; the
+    median is the sky level, so filled pixels look like empty sky to them.
+    """
+    img = np.array(image, dtype=np.float32, copy=True)
+    finite = np.isfinite(img)
+    if finite.all():
+        return img, None
+    if not finite.any():
+        raise ValueError("the image has no finite pixels")
+    if img.ndim == 2:
+        img[~finite] = np.median(img[finite])
+        return img, ~finite
+    for c in range(img.shape[2]):
+        plane, ok = img[:, :, c], finite[:, :, c]
+        plane[~ok] = np.median(plane[ok]) if ok.any() else 0.0
+    return img, ~finite.all(axis=2)
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else image.mean(axis=2, dtype=np.float32)
+
+
+def _with_nan(image: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+    if bad is None:
+        return image
+    out = np.array(image, dtype=np.float32, copy=True)
+    out[bad] = np.nan
+    return out
+
+
+def _fits_planes(image: np.ndarray) -> np.ndarray:
+    """FITS stores colour as (planes, rows, cols)."""
+    return np.moveaxis(image, -1, 0) if image.ndim == 3 else image
+
+
+def _header(snapshot: StackSnapshot, product: str, **cards: Any) -> fits.Header:
+    header = fits.Header()
+    header["OBJECT"] = snapshot.target
+    header["FILTER"] = snapshot.filter
+    header["NCOMBINE"] = (snapshot.n_frames, "subs integrated")
+    header["EXPTIME"] = (round(snapshot.integration_s, 3), "total integration, s")
+    header["PRODUCT"] = (product, "subwatch preview product")
+    for key, value in cards.items():
+        header[key] = value
+    header["SWCREATE"] = f"subwatch {__version__}"
+    return header
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    """JSON-friendly numbers: rounded floats, None for NaN/Inf, containers walked."""
+    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        return round(v, digits) if np.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _round(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_round(v, digits) for v in value]
+    if isinstance(value, np.ndarray) and value.size <= 64:
+        return _round(value.tolist(), digits)
+    return value
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def _gradient(image: np.ndarray, opts: PreviewOptions) -> tuple[np.ndarray, Any]:
+    """Fit the sky gradient (one surface per colour) and remove it: ``(flat, model)``."""
+    from subwatch.enhance.gradient import fit_gradient, remove_gradient
+
+    model = fit_gradient(image, method=opts.gradient_method, order=opts.gradient_order)
+    flat = remove_gradient(image, model, mode=opts.gradient_mode)
+    return np.asarray(flat, np.float32), model
+
+
+def _gradient_doc(model: Any, opts: PreviewOptions) -> dict[str, Any]:
+    return _round(
+        {
+            "amplitude_percent": getattr(model, "amplitude_percent", None),
+            "angle_deg": getattr(model, "angle_deg", None),
+            "method": getattr(model, "method", opts.gradient_method),
+            "order": getattr(model, "order", None),
+            "level": getattr(model, "level", None),
+            "mode": opts.gradient_mode,
+        },
+        3,
+    )
+
+
+def _snr(stack: np.ndarray, snap: StackSnapshot, opts: PreviewOptions) -> tuple[dict, np.ndarray]:
+    from subwatch.enhance.snr import stack_snr_report
+
+    report, snr_map = stack_snr_report(
+        stack,
+        n_frames=snap.n_frames,
+        sub_noises=list(snap.sub_noises),
+        weights=list(snap.weights),
+        integration_s=snap.integration_s,
+        snr_history=[tuple(p) for p in snap.snr_history],
+        target_snr=opts.target_snr,
+    )
+    return dict(report), np.asarray(snr_map, np.float32)
+
+
+def _deconvolve(
+    flat: np.ndarray,
+    opts: PreviewOptions,
+    noise: float | None,
+    status: dict[str, Any],
+    steps: _Steps,
+) -> np.ndarray | None:
+    """Measure the PSF on the gradient-free image and deconvolve with it (None: no PSF).
+
+    The sky noise measured for the SNR report is handed on for mono stacks; colour channels
+    differ in noise, and the deconvolver measures each.
+    """
+    from subwatch.enhance.deconvolve import deconvolve
+    from subwatch.enhance.psf import measure_psf
+
+    with steps.step("psf"):
+        psf = measure_psf(flat, size=opts.psf_size, grid=opts.psf_grid)
+    status["psf"] = _round(psf.to_dict(), 4) if psf is not None else None
+    if psf is None:
+        log.info("deconvolved preview skipped: no stars to measure a PSF on")
+        status["preview"]["skipped"]["deconvolved"] = "no stars to measure a PSF on"
+        return None
+    with steps.step("deconvolve"):
+        result = deconvolve(
+            flat,
+            psf,
+            max_iterations=opts.max_iterations,
+            regularization=opts.regularization,
+            noise=noise if flat.ndim == 2 else None,
+        )
+    status["deconvolution"] = _round(
+        {
+            "iterations": int(result.iterations),
+            "stopped": str(result.stopped),
+            "seconds": float(result.seconds),
+            **({"tiles": dict(result.tiles)} if getattr(result, "tiles", None) else {}),
+        },
+        3,
+    )
+    return np.asarray(result.image, np.float32)
+
+
+def _stretch(image: np.ndarray, bad: np.ndarray | None, opts: PreviewOptions) -> np.ndarray:
+    from subwatch.enhance.stretch import auto_stretch, neutralise_colour
+
+    if image.ndim == 3:
+        image = neutralise_colour(image)
+    out = np.asarray(auto_stretch(image, midtone=opts.midtone), np.float32)
+    if bad is not None:
+        out[bad] = 0.0
+    return out
+
+
+def _png(path: Path, stretched: np.ndarray) -> None:
+    from subwatch.enhance.stretch import write_png
+
+    write_png(path, stretched)
+
+
+# -- denoise hook ---------------------------------------------------------------------------
+
+Denoiser = Callable[[np.ndarray], np.ndarray]
+
+
+def load_denoiser(opts: PreviewOptions) -> tuple[Denoiser | None, str]:
+    """The learned denoiser, or None and why (the model ships with a later release)."""
+    if opts.denoise_model is not None and not Path(opts.denoise_model).is_file():
+        return None, f"denoiser model {opts.denoise_model} not found"
+    return None, "no denoiser model available"
+
+
+# -- the cycle ------------------------------------------------------------------------------
+
+
+def make_previews(
+    snapshot: StackSnapshot, out_dir: Path, options: PreviewOptions | None = None
+) -> PreviewResult:
+    """Render every wanted product of ``snapshot`` into ``out_dir``; see the module doc.
+
+    Returns the status.json fields and the gradient-free linear image (for composites).
+    """
+    opts = options or PreviewOptions()
+    out_dir = Path(out_dir)
+    steps = _Steps()
+    product_seconds: dict[str, float] = {}
+    written: list[str] = []
+    status: dict[str, Any] = {
+        "preview": {
+            "frames": snapshot.n_frames,
+            "integration_seconds": round(snapshot.integration_s, 3),
+            "products": written,
+            "skipped": {},
+            "seconds": steps.seconds,
+            "product_seconds": product_seconds,
+        }
+    }
+    with steps.step("prepare"):
+        image, bad = fill_invalid(snapshot.image)
+
+    # 1. gradient
+    t_preview = time.perf_counter()
+    with steps.step("gradient"):
+        flat, model = _gradient(image, opts)
+    status["gradient"] = _gradient_doc(model, opts)
+    with steps.step("write"):
+        write_fits_atomic(
+            out_dir / "background.fits",
+            _fits_planes(np.asarray(model.background, np.float32)),
+            _header(snapshot, "background", GRADMODE=opts.gradient_mode),
+        )
+    written.append("background.fits")
+
+    # 2. SNR and forecast
+    with steps.step("snr"):
+        report, snr_map = _snr(image, snapshot, opts)
+    status["snr_report"] = _round(report, 4)
+    status["snr"] = _round(report.get("snr"), 3)
+    with steps.step("write"):
+        write_fits_atomic(
+            out_dir / "snr.fits", _with_nan(snr_map, bad), _header(snapshot, "snr map")
+        )
+    written.append("snr.fits")
+
+    # 3. the stretched, gradient-free preview
+    if opts.wants("preview"):
+        with steps.step("stretch"):
+            stretched = _stretch(flat, bad, opts)
+        with steps.step("write"):
+            _png(out_dir / "preview.png", stretched)
+        written.append("preview.png")
+        product_seconds["preview"] = round(time.perf_counter() - t_preview, 4)
+
+    # 4. denoised: a hook until a model ships
+    if opts.wants("denoised"):
+        denoiser, why = load_denoiser(opts)
+        if denoiser is None:
+            log.info("denoised preview of %s/%s skipped: %s", snapshot.target, snapshot.filter, why)
+            status["preview"]["skipped"]["denoised"] = why
+
+    # 5. deconvolved
+    if opts.wants("deconvolved"):
+        t0 = time.perf_counter()
+        noise = report.get("noise")
+        deconvolved = _deconvolve(
+            flat, opts, float(noise) if noise is not None else None, status, steps
+        )
+        if deconvolved is not None:
+            with steps.step("stretch"):
+                stretched = _stretch(deconvolved, bad, opts)
+            with steps.step("write"):
+                _png(out_dir / "deconvolved.png", stretched)
+                write_fits_atomic(
+                    out_dir / "deconvolved.fits",
+                    _fits_planes(_with_nan(deconvolved, bad)),
+                    _header(snapshot, "deconvolved"),
+                )
+            written.extend(["deconvolved.png", "deconvolved.fits"])
+            product_seconds["deconvolved"] = round(time.perf_counter() - t0, 4)
+
+    steps.seconds["total"] = steps.total()
+    status["preview"]["updated"] = now_iso()
+    return PreviewResult(status=status, flat=_with_nan(flat, bad))
+
+
+def history_point(status: dict[str, Any]) -> tuple[float, float] | None:
+    """The ``(integration_seconds, snr)`` a preview adds to its stack's SNR history."""
+    snr = status.get("snr")
+    seconds = status.get("preview", {}).get("integration_seconds")
+    if snr is None or seconds is None or not np.isfinite(snr) or seconds <= 0:
+        return None
+    return (float(seconds), float(snr))
+
+
+class PreviewRenderer:
+    """``make_previews``, then the target's colour composite when its filters allow one.
+
+    Lives where previews are made (the preview process, or the thread), and keeps, per
+    target, the gradient-free image of each filter stack's latest preview: a composite needs
+    all its channels, and they are previewed one stack at a time.
+    """
+
+    def __init__(self) -> None:
+        self._channels: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, request: PreviewRequest) -> dict[str, Any]:
+        result = make_previews(request.snapshot, request.out_dir, request.options)
+        status = result.status
+        snap = request.snapshot
+        if request.options.composite and result.flat is not None and result.flat.ndim == 2:
+            self._composite(
+                snap, result.flat, Path(request.out_dir).parent, request.options, status
+            )
+        return status
+
+    def _composite(
+        self,
+        snap: StackSnapshot,
+        flat: np.ndarray,
+        target_dir: Path,
+        opts: PreviewOptions,
+        status: dict[str, Any],
+    ) -> None:
+        from subwatch.enhance.composite import Channel, canonical_filter, write_composite
+        from subwatch.enhance.stretch import auto_stretch
+
+        if canonical_filter(snap.filter) is None:
+            return
+        channels = self._channels.setdefault(snap.target, {})
+        channels[snap.filter] = Channel(snap.filter, flat)
+        if len(channels) < 2:
+            return
+        t0 = time.perf_counter()
+        palette = write_composite(
+            target_dir / "composite.png",
+            channels,
+            lambda image: auto_stretch(image, midtone=opts.midtone),
+        )
+        if palette is None:
+            return
+        spent = round(time.perf_counter() - t0, 4)
+        status["composite"] = {"palette": palette, "filters": list(channels), "seconds": spent}
+        status["preview"]["product_seconds"]["composite"] = spent
