@@ -4,7 +4,8 @@ Simulates a few lights of the given size (with bias, darks and flats), then feed
 ``--frames`` lights, one at a time, as a night would: each is a simulated light written under a
 new name with its own DATE-OBS (and shifted by a few pixels, so every sub is warped), processed,
 checkpointed every ``stacking.checkpoint_frames``, then deleted (the benchmark owns its folder;
-the daemon never deletes anything). RSS is read from /proc after every frame.
+the daemon never deletes anything). RSS is read from /proc after every frame. The allocator is
+set up as the daemon sets it up (``subwatch.service.allocator``).
 
     python benchmarks/bench_memory.py --width 6248 --height 4176 --frames 300
 
@@ -16,6 +17,7 @@ benchmarks/RESULTS.md with the machine and the date.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -26,6 +28,7 @@ import numpy as np
 from astropy.io import fits
 
 from subwatch.config import Config
+from subwatch.service.allocator import keep_freed_memory
 from subwatch.service.pipeline import Pipeline
 from subwatch.simulate import SimOptions, simulate_session
 
@@ -42,22 +45,45 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=4176)
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--base-lights", type=int, default=3)
+    parser.add_argument(
+        "--capture",
+        type=Path,
+        help="a simulated session to take the calibration frames and base lights from (read "
+        "only; simulating 26 MP calibration frames takes longer than the run itself)",
+    )
     args = parser.parse_args()
+    # As the daemon does (SUBWATCH_MALLOC=system measures the allocator's defaults).
+    print(f"allocator keeps freed memory: {keep_freed_memory()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         capture, out = Path(tmp) / "capture", Path(tmp) / "out"
-        truth = simulate_session(
-            SimOptions(out=capture, lights=args.base_lights, width=args.width, height=args.height)
-        )
+        if args.capture is not None:
+            source = args.capture
+            truth = json.loads((source / "truth.json").read_text())
+            capture.mkdir()
+            (capture / "calibration").symlink_to((source / "calibration").resolve())
+        else:
+            source = capture
+            truth = simulate_session(
+                SimOptions(
+                    out=capture, lights=args.base_lights, width=args.width, height=args.height
+                )
+            )
         bases = []
-        for light in truth["lights"]:
-            path = capture / light["file"]
+        for light in truth["lights"][: args.base_lights]:
+            path = source / light["file"]
             with fits.open(path) as hdul:
                 bases.append((hdul[0].header.copy(), hdul[0].data.copy()))
-            path.unlink()
+            if source == capture:
+                path.unlink()
         cfg = Config.model_validate({"watch": {"path": str(capture)}, "output": {"path": str(out)}})
         pipeline = Pipeline(cfg, capture, out)
-        for path in sorted(p for p in capture.rglob("*.fits") if "truth" not in p.name):
+        calibration = (
+            capture.rglob("*.fits")
+            if args.capture is None
+            else capture.glob("calibration/**/*.fits")
+        )
+        for path in sorted(p for p in calibration if "truth" not in p.name):
             st = path.stat()
             pipeline.process(path, st.st_size, st.st_mtime)
         start = datetime(2026, 11, 22, 20, 0, 0)

@@ -33,21 +33,27 @@ def main() -> None:
     parser.add_argument("--lights", type=int, default=8)
     parser.add_argument("--osc", action="store_true")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument(
+        "--capture",
+        type=Path,
+        help="simulate into this folder, or reuse it when it already holds a session",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        capture, out = Path(tmp) / "capture", Path(tmp) / "out"
+        capture, out = args.capture or Path(tmp) / "capture", Path(tmp) / "out"
         t0 = time.perf_counter()
-        simulate_session(
-            SimOptions(
-                out=capture,
-                lights=args.lights,
-                width=args.width,
-                height=args.height,
-                seed=args.seed,
-                osc=args.osc,
+        if not (capture / "truth.json").is_file():
+            simulate_session(
+                SimOptions(
+                    out=capture,
+                    lights=args.lights,
+                    width=args.width,
+                    height=args.height,
+                    seed=args.seed,
+                    osc=args.osc,
+                )
             )
-        )
         t_sim = time.perf_counter() - t0
         cfg = Config.model_validate({"watch": {"path": str(capture)}, "output": {"path": str(out)}})
         t0 = time.perf_counter()

@@ -292,5 +292,14 @@ def test_background_map_and_measurement_api() -> None:
     xyf = m.stars.xyf()
     assert 15 <= len(xyf) < len(m.stars)
     assert np.all(np.diff(xyf[:, 2]) <= 0)
+    # The same stars with their positional sigma: finite and small for bright unsaturated
+    # stars, larger for fainter ones.
+    xyfs = m.stars.xyfs()
+    assert np.array_equal(xyfs[:, :3], xyf)
+    sigma = xyfs[:, 3]
+    assert np.all(sigma[np.isfinite(sigma)] >= 0.01) and np.isfinite(sigma).sum() >= 15
+    finite = sigma[np.isfinite(sigma)]
+    assert finite[0] < 0.5 * finite.max()
+    assert np.all(np.isinf(sigma) == m.stars.saturated[np.isin(m.stars.x, xyf[:, 0])])
     assert m.snr is not None and m.snr > 20
     assert m.eccentricity is not None and m.eccentricity < 0.4

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from preview_standins import describe_factory
+from preview_standins import describe_factory, sleepy_factory
 from subwatch.config import Config, PreviewsConfig
 from subwatch.enhance.previews import PreviewRequest, StackSnapshot
 from subwatch.service.daemon import Daemon, wait_for
@@ -25,6 +25,11 @@ KEY = ("M42", "L")
 def _request(frames: int, key: tuple[str, str] = KEY, value: float = 1.0) -> PreviewRequest:
     image = np.full((8, 8), value, np.float32)
     return PreviewRequest(StackSnapshot(image, *key, n_frames=frames), Path("unused"))
+
+
+def _ask(previewer: Previewer, frames: int, key: tuple[str, str] = KEY, value: float = 1.0):
+    """Request a preview as the daemon does: the snapshot is made when it is its turn."""
+    previewer.request(key, lambda: _request(frames, key, value))
 
 
 class Recorder:
@@ -71,6 +76,7 @@ def test_every_seconds_needs_new_subs() -> None:
 
 def test_newer_request_replaces_the_pending_one() -> None:
     entered, release = threading.Event(), threading.Event()
+    snapshots: list[int] = []
 
     def factory():
         def render(request: PreviewRequest) -> dict[str, Any]:
@@ -80,14 +86,21 @@ def test_newer_request_replaces_the_pending_one() -> None:
 
         return render
 
+    def ask(frames: int, key: tuple[str, str] = KEY) -> None:
+        def snapshot() -> PreviewRequest:
+            snapshots.append(frames)
+            return _request(frames, key)
+
+        previewer.request(key, snapshot)
+
     recorder = Recorder()
     previewer = Previewer(mode="thread", factory=factory, on_result=recorder)
     try:
-        previewer.request(_request(1))
-        assert entered.wait(30)  # the first is running, not pending
+        ask(1)
+        assert entered.wait(30)  # the first is rendering, not pending
         for frames in (2, 3, 4):
-            previewer.request(_request(frames))
-        previewer.request(_request(7, key=("M42", "R")))
+            ask(frames)
+        ask(7, key=("M42", "R"))
         assert previewer.pending() == [KEY, ("M42", "R")]  # one per stack, in order of arrival
         assert previewer.replaced == 2
         release.set()
@@ -96,6 +109,7 @@ def test_newer_request_replaces_the_pending_one() -> None:
         release.set()
         previewer.close(drain=False)
     assert recorder.frames == [1, 4, 7]
+    assert snapshots == [1, 4, 7]  # no stack was copied to be thrown away
 
 
 def test_a_failing_preview_is_one_log_line_and_the_next_works(caplog) -> None:
@@ -114,9 +128,9 @@ def test_a_failing_preview_is_one_log_line_and_the_next_works(caplog) -> None:
     previewer = Previewer(mode="thread", factory=factory, on_result=recorder)
     try:
         with caplog.at_level(logging.ERROR, logger="subwatch.service.previewer"):
-            previewer.request(_request(1))
+            _ask(previewer, 1)
             assert previewer.wait_idle(timeout=60)
-            previewer.request(_request(2))
+            _ask(previewer, 2)
             assert recorder.wait(1)
     finally:
         previewer.close(drain=True)
@@ -143,12 +157,12 @@ def test_process_mode_gets_the_image_and_survives_errors_and_crashes(caplog) -> 
     try:
         with caplog.at_level(logging.ERROR, logger="subwatch.service.previewer"):
             request = PreviewRequest(StackSnapshot(image.copy(), *KEY, n_frames=5), Path("x"))
-            previewer.request(request)
+            previewer.request(KEY, lambda: request)
             assert recorder.wait(1)
             for frames in (13, 66):  # an exception, then a dead process
-                previewer.request(_request(frames))
+                _ask(previewer, frames)
                 assert previewer.wait_idle(timeout=60)
-            previewer.request(_request(20, value=2.0))
+            _ask(previewer, 20, value=2.0)
             assert recorder.wait(2)
     finally:
         previewer.close(drain=False)
@@ -163,6 +177,19 @@ def test_process_mode_gets_the_image_and_survives_errors_and_crashes(caplog) -> 
     assert messages[0] == "preview of M42/L failed: ValueError: unlucky stack"
     assert messages[1].startswith("preview of M42/L failed: the preview process died")
     assert len(messages) == 2
+
+
+def test_a_stop_abandons_a_running_preview_process() -> None:
+    previewer = Previewer(mode="process", factory=sleepy_factory)
+    _ask(previewer, 1)
+    assert wait_for(lambda: previewer.busy is not None, timeout=30)
+    _ask(previewer, 2)
+    runner = previewer.runner
+    assert wait_for(lambda: runner._proc is not None, timeout=30)
+    proc = runner._proc
+    previewer.close(drain=False)
+    assert not proc.is_alive()
+    assert previewer.pending() == [] and previewer.done == 0
 
 
 # -- in the daemon --------------------------------------------------------------------------

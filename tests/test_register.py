@@ -321,6 +321,33 @@ def test_weight_by_flux_helps_when_faint_stars_are_noisier():
     assert np.sqrt(np.mean(np.square(weighted))) < 0.85 * np.sqrt(np.mean(np.square(plain)))
 
 
+def test_sigma_column_weighs_pairs_and_ignores_saturated_centroids():
+    """(N, 4) lists carry each star's positional sigma: pairs weigh by inverse variance and
+    stars with an infinite sigma (saturated, biased centroids) weigh nothing in the fit."""
+    m = similarity(5.0, 7.0, 12.0)
+    plain, weighted = [], []
+    for seed in range(10):
+        rng = np.random.default_rng(300 + seed)
+        ref_xy = rng.uniform([0, 0], [W - 1, H - 1], (400, 2))
+        sub_xy = apply_transform(invert_transform(m), ref_xy)
+        keep = np.nonzero(in_frame(sub_xy))[0][:100]
+        flux = power_law_flux(rng, 100)
+        sigma = np.hypot(0.1 * np.median(flux) / flux, 0.01)
+        noisy = sub_xy[keep] + rng.normal(0, 1, (100, 2)) * sigma[:, None]
+        # the 8 brightest are saturated: flat cores, centroids off by 0.3 px the same way
+        saturated = np.argsort(-flux)[:8]
+        noisy[saturated] += [0.3, -0.2]
+        sigma[saturated] = np.inf
+        ref = np.column_stack([ref_xy[keep], flux, np.full(100, 0.01)])
+        sub3 = np.column_stack([noisy, flux])
+        plain.append(transform_error(find_transform(sub3, ref[:, :3]).matrix, m, W, H))
+        reg = find_transform(np.column_stack([sub3, sigma]), ref)
+        weighted.append(transform_error(reg.matrix, m, W, H))
+        assert reg.inliers >= 90  # the saturated stars still count as matched
+    assert np.sqrt(np.mean(np.square(weighted))) < 0.5 * np.sqrt(np.mean(np.square(plain)))
+    assert np.sqrt(np.mean(np.square(weighted))) < 0.03, weighted
+
+
 # --------------------------------------------------------------------------- never silently wrong
 
 
@@ -400,7 +427,7 @@ def test_registration_is_frozen():
 
 
 def test_bad_arguments():
-    pts = np.zeros((10, 4))
+    pts = np.zeros((10, 5))
     with pytest.raises(ValueError):
         find_transform(pts, pts)
     with pytest.raises(ValueError):

@@ -33,9 +33,17 @@ from subwatch.simulate.night import (
 from subwatch.simulate.session import Simulation
 
 W, H = 320, 240
-MONO = dict(width=W, height=H, lights=6, seed=7, meridian_flip_at=4,
-            defects={2: ["trail", "cosmic_rays"], 3: ["clouds"]},
-            n_bias=4, n_darks=3, n_flats=3)
+MONO = dict(
+    width=W,
+    height=H,
+    lights=6,
+    seed=7,
+    meridian_flip_at=4,
+    defects={2: ["trail", "cosmic_rays"], 3: ["clouds"]},
+    n_bias=4,
+    n_darks=3,
+    n_flats=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +56,20 @@ def mono(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def osc(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("osc")
-    truth = simulate_session(SimOptions(out=out, width=W, height=H, lights=2, seed=5, osc=True,
-                                        bayer="GBRG", n_bias=3, n_darks=1, n_flats=3))
+    truth = simulate_session(
+        SimOptions(
+            out=out,
+            width=W,
+            height=H,
+            lights=2,
+            seed=5,
+            osc=True,
+            bayer="GBRG",
+            n_bias=3,
+            n_darks=1,
+            n_flats=3,
+        )
+    )
     return out, truth
 
 
@@ -84,9 +104,7 @@ def _centroid(img: np.ndarray, x: float, y: float, sigma: float = 2.0) -> tuple[
     return float(x), float(y)
 
 
-def _good_stars(
-    sim: Simulation, frames: list[int], n: int = 8, min_flux: float = 2e3
-) -> list[int]:
+def _good_stars(sim: Simulation, frames: list[int], n: int = 8, min_flux: float = 2e3) -> list[int]:
     """Bright, unsaturated, isolated stars, well inside the reference and the frames named."""
     st = sim.stars
     flux = st.rate * sim.opts.exptime
@@ -162,8 +180,9 @@ def test_transforms_map_stars_onto_the_reference_noiseless() -> None:
         for shift in (0.0, 0.2):
             m = sim.plans[i].matrix.copy()
             m[0, 2] += shift
-            pred = cv2.warpAffine(ref, m, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                  borderValue=np.nan)
+            pred = cv2.warpAffine(
+                ref, m, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=np.nan
+            )
             ok = np.isfinite(pred)
             ok[:12], ok[-12:], ok[:, :12], ok[:, -12:] = False, False, False, False
             errs.append(np.median(np.abs(pred - img)[ok]) / np.median(img[ok]))
@@ -251,8 +270,12 @@ def test_file_layout_counts_and_truth(mono: tuple[Path, dict]) -> None:
 
 def test_headers_on_every_kind(mono: tuple[Path, dict]) -> None:
     out, truth = mono
-    expected = {"bias": "Bias Frame", "darks": "Dark Frame", "flats": "Flat Field",
-                "lights": "Light Frame"}
+    expected = {
+        "bias": "Bias Frame",
+        "darks": "Dark Frame",
+        "flats": "Flat Field",
+        "lights": "Light Frame",
+    }
     paths = {
         "bias": truth["calibration"]["bias"],
         "darks": truth["calibration"]["darks"],
@@ -335,7 +358,8 @@ def test_hot_pixels_stay_put(mono: tuple[Path, dict]) -> None:
 def test_flats_show_vignetting_and_sit_near_half_well(mono: tuple[Path, dict]) -> None:
     out, truth = mono
     flat = _master(out, truth["calibration"]["flats"]["L"]) - _master(
-        out, truth["calibration"]["bias"])
+        out, truth["calibration"]["bias"]
+    )
     centre = np.median(flat[H // 2 - 20 : H // 2 + 20, W // 2 - 20 : W // 2 + 20])
     corners = [flat[:12, :12], flat[:12, -12:], flat[-12:, :12], flat[-12:, -12:]]
     assert all(np.median(c) < 0.85 * centre for c in corners)
@@ -428,7 +452,8 @@ def test_osc_mosaic_follows_bayerpat(osc: tuple[Path, dict]) -> None:
     assert hdr["BAYERPAT"] == "GBRG" and hdr["XBAYROFF"] == 0 and hdr["YBAYROFF"] == 0
     assert "FILTER" not in hdr and truth["lights"][0]["filter"] is None
     flat = _master(out, truth["calibration"]["flats"]["OSC"]) - _master(
-        out, truth["calibration"]["bias"])
+        out, truth["calibration"]["bias"]
+    )
     core = flat[H // 4 : 3 * H // 4, W // 4 : 3 * W // 4]
     site = {}
     for k, letter in enumerate(hdr["BAYERPAT"]):
@@ -444,8 +469,14 @@ def test_osc_mosaic_follows_bayerpat(osc: tuple[Path, dict]) -> None:
 
 
 def test_narrowband_sky_is_dark_and_filters_alternate() -> None:
-    opts = SimOptions(out=Path("unused"), width=96, height=64, lights=4, filters=("L", "Ha"),
-                      filter_order="roundrobin")
+    opts = SimOptions(
+        out=Path("unused"),
+        width=96,
+        height=64,
+        lights=4,
+        filters=("L", "Ha"),
+        filter_order="roundrobin",
+    )
     sim = Simulation(opts)
     assert [p.label for p in sim.plans] == ["L", "Ha", "L", "Ha"]
     assert sim.sky_level(1)[0] < 0.05 * sim.sky_level(0)[0]
@@ -464,8 +495,9 @@ def test_chunked_writer_exposes_partial_files(tmp_path: Path) -> None:
     payload = fits_bytes(data, fits.Header())
     path = tmp_path / "x.fits"
     seen: list[tuple[int, int]] = []
-    write_chunked(path, payload, chunks=4, pause=0.0,
-                  on_chunk=lambda p, n: seen.append((n, p.stat().st_size)))
+    write_chunked(
+        path, payload, chunks=4, pause=0.0, on_chunk=lambda p, n: seen.append((n, p.stat().st_size))
+    )
     assert [n for n, _ in seen] == sorted(n for n, _ in seen)
     assert all(n == size for n, size in seen)
     assert seen[0][0] == header_length(payload) and seen[0][0] % 2880 == 0
@@ -517,7 +549,10 @@ def test_interval_writes_lights_one_by_one(tmp_path: Path) -> None:
 
 def test_defect_spec_and_sprinkle() -> None:
     assert parse_defects("3:trail,5:clouds,5:cr,6:trailed+defocused") == {
-        3: ["trail"], 5: ["clouds", "cosmic_rays"], 6: ["trailed", "defocus"]}
+        3: ["trail"],
+        5: ["clouds", "cosmic_rays"],
+        6: ["trailed", "defocus"],
+    }
     with pytest.raises(ValueError):
         parse_defects("2:meteor")
     for n in (3, 4, 5, 8, 12):
@@ -534,9 +569,24 @@ def test_defect_spec_and_sprinkle() -> None:
 def test_cli_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "cli"), "--lights", "7", "--width", "96",
-                              "--height", "64", "--all-defects", "--flip-at", "5",
-                              "--filters", "Ha", "--no-calibration"])
+    args = parser.parse_args(
+        [
+            "--out",
+            str(tmp_path / "cli"),
+            "--lights",
+            "7",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--all-defects",
+            "--flip-at",
+            "5",
+            "--filters",
+            "Ha",
+            "--no-calibration",
+        ]
+    )
     assert run_cli(args) == 0
     said = capsys.readouterr().out
     assert "7 lights" in said and "truth.json" in said

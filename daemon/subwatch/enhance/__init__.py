@@ -12,12 +12,14 @@ the stack is looked at as a whole, in this order:
 * **psf** (``measure_psf``) and **deconvolve** (``deconvolve``): the stack's own stars give the
   point-spread function; regularised Richardson-Lucy sharpens with it and stops before it
   amplifies noise.
+* **denoise** (``Denoiser``, ``DenoiseSettings``): a small network shipped with subwatch, run
+  with onnxruntime on the variance-stabilised deconvolved stack, tile by tile.
 * **stretch** (``auto_stretch``, ``neutralise_colour``, ``write_png``): a linear image is
   almost black on a screen; a midtone transfer sets the sky at a chosen brightness.
 * **previews** (``make_previews``): the cycle above as one call, writing ``preview.png``,
-  ``deconvolved.png``/``.fits``, ``background.fits``, ``snr.fits`` and returning the numbers
-  for ``status.json``; **composite** (``make_composite``) puts a target's filter stacks
-  together as RGB, SHO or HOO.
+  ``deconvolved.png``/``.fits``, ``denoised.png``/``.fits``, ``background.fits``,
+  ``snr.fits`` and returning the numbers for ``status.json``; **composite**
+  (``make_composite``) puts a target's filter stacks together as RGB, SHO or HOO.
 
 The same cycle serves the daemon's preview worker and ``subwatch enhance`` on any linear FITS
 (``enhance.cli``). Each step is a function over numpy arrays usable on its own; names are
@@ -37,6 +39,8 @@ _EXPORTS = {
     "measure_psf": "psf",
     "PSFModel": "psf",
     "deconvolve": "deconvolve",
+    "Denoiser": "denoise",
+    "DenoiseSettings": "denoise",
     "auto_stretch": "stretch",
     "neutralise_colour": "stretch",
     "write_png": "stretch",

@@ -3,14 +3,20 @@
 A target shot through R, G and B (or Ha, OIII and SII) has one stack per filter, and each
 stack has its own reference sub: the stacks are not on one pixel grid (the filter wheel turns
 between them, the mount re-centres, a meridian flip rotates one by 180 degrees). So each
-channel's stars are measured on its gradient-free image and matched to the first channel's
-(``subwatch.register.find_transform``), the channel is warped onto that grid, and each is
+channel's stars are matched to the first channel's (``subwatch.register.find_transform``),
+the channel is warped onto that grid, and each is
 stretched on its own (which also balances the colours, as a preview should) before the three
 are put together:
 
 * **RGB**: R, G, B as they are.
 * **SHO** (the "Hubble palette"): SII red, Ha green, OIII blue.
 * **HOO**: Ha red, OIII green and blue (two filters are enough).
+
+The stars are those of each stack's reference sub (``measure_frame`` on a calibrated sub,
+the list every sub of the stack was registered with, in the stack's own grid); stars
+detected again on a stack are fewer per filter than they look (nebula knots left by the
+gradient removal count among them) and matched less often. Without a reference list the
+stars are measured on the channel's image.
 
 Filter names are read loosely (``Red``, ``H-alpha``, ``O3`` ...). Channels that cannot be
 registered are left out with a log line; with fewer than a palette needs, nothing is written.
@@ -72,7 +78,7 @@ class Channel:
 
     filter: str
     image: np.ndarray
-    stars: np.ndarray | None = None  # (N, 3) x, y, flux; measured when first needed
+    stars: np.ndarray | None = None  # (N, 4) x, y, flux, sigma; measured when not given
 
 
 def _stars(channel: Channel) -> np.ndarray:
@@ -80,7 +86,7 @@ def _stars(channel: Channel) -> np.ndarray:
 
     if channel.stars is None:
         img = np.nan_to_num(channel.image, nan=float(np.nanmedian(channel.image)))
-        channel.stars = measure_frame(img).stars.xyf()
+        channel.stars = measure_frame(img).stars.xyfs()
     return channel.stars
 
 

@@ -59,7 +59,7 @@ float32) with the kernel's transfer function computed once. The image is cut int
 tiles that overlap by ``MARGIN`` px; each is deconvolved on its own (its arrays stay in the
 cache, two threads take two tiles) and only its core is kept: two different tilings agree to
 0.2 % of the signal. The per-pixel work of an iteration (extrapolation, ratio and residual,
-TV term, update, floor, statistics) is three compiled loops. With a 3x3 grid of PSFs each
+TV term, update, floor, statistics) is two compiled passes. With a 3x3 grid of PSFs each
 tile uses the kernel interpolated at its centre, so the PSF changes smoothly across the field.
 """
 
@@ -89,7 +89,8 @@ PEDESTAL = 30.0
 FLOOR_SIGMA = 2.0
 #: The signal mask ramps from 0 to 1 between these matched-filter SNRs.
 MASK_SNR = (3.0, 5.0)
-#: Relative change per iteration (over the signal mask) below which a tile has converged.
+#: The iterations stop when one changes the image over the signal mask by less than this
+#: fraction of the signal there above the local floor.
 TOLERANCE = 0.003
 #: FFT tile side and the margin (px) cut from each tile's sides.
 TILE = 512
@@ -210,19 +211,23 @@ def _direction_row(u: np.ndarray, i: int, eps2: np.float32, px: np.ndarray, py: 
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def _update(
     u: np.ndarray,
+    previous: np.ndarray,
     correction: np.ndarray,
     floor: np.ndarray,
     lam: np.float32,
     eps2: np.float32,
+    alpha: np.float32,
     mask: np.ndarray,
     rows: np.ndarray,
 ) -> tuple[float, float]:
-    """The RL-TV step ``u <- max(u * correction / (1 - lam div(grad u / |grad u|)), floor)``.
+    """One RL-TV step from the extrapolated ``u``, and the extrapolation for the next one.
 
-    In place. The TV direction field is computed row by row into ``rows`` (3, W + 1) just
-    ahead of the update, so the whole step is one pass. Returns the sums over the mask
-    (1 inside, 0 outside) of ``|u_new - u|`` and of ``u - floor``, the signal standing out of
-    its surroundings (stars, not a nebula's smooth light).
+    ``x = max(u * correction / (1 - lam div(grad u / |grad u|)), floor)`` is the new
+    estimate; ``previous`` (the last estimate) becomes ``x`` and ``u`` becomes the next
+    starting point ``max(x + alpha (x - previous), floor)``, all in one pass: the TV direction
+    field is computed row by row into ``rows`` (3, W + 1) just ahead of the update. Returns
+    the sums over the mask (1 inside, 0 outside) of ``|x - u|`` and of ``u - floor``, the
+    signal standing out of its surroundings (stars, not a nebula's smooth light).
     """
     h, w = u.shape
     change = np.float32(0.0)
@@ -240,28 +245,17 @@ def _update(
             _direction_row(u, i, eps2, px, py)
         for j in range(w):
             old = u[i, j]
+            f = floor[i, j]
             div = px[j + 1] - px[j] + py[j] - py_prev[j]
-            new = old * correction[i, j] / max(one - lam * div, low)
-            new = max(new, floor[i, j])
-            u[i, j] = new
-            change += mask[i, j] * abs(new - old)
-            base += mask[i, j] * (old - floor[i, j])
+            x = max(old * correction[i, j] / max(one - lam * div, low), f)
+            last = previous[i, j]
+            previous[i, j] = x
+            u[i, j] = max(x + alpha * (x - last), f)
+            change += mask[i, j] * abs(x - old)
+            base += mask[i, j] * (old - f)
         for j in range(w):
             py_prev[j] = py[j]
     return float(change), float(base)
-
-
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _extrapolate(u: np.ndarray, previous: np.ndarray, floor: np.ndarray, alpha: np.float32) -> None:
-    """Biggs-Andrews: ``u <- max(u + alpha (u - previous), floor)``, ``previous <- u``."""
-    h, w = u.shape
-    for i in range(h):
-        for j in range(w):
-            x = u[i, j]
-            y = x + alpha * (x - previous[i, j])
-            f = floor[i, j]
-            previous[i, j] = x
-            u[i, j] = y if y > f else f
 
 
 # --------------------------------------------------------------------------- per tile
@@ -316,7 +310,7 @@ def _floor(tile: np.ndarray, s: _Setup) -> np.ndarray:
 
 
 def _momentum(done: int) -> float:
-    """Extrapolation factor before iteration ``done + 1``: ``(k - 1) / (k + 2)``, capped."""
+    """Extrapolation factor after ``done`` iterations: ``(k - 1) / (k + 2)``, capped."""
     return min((done - 1) / (done + 2), ACCELERATION) if done >= 2 else 0.0
 
 
@@ -345,15 +339,11 @@ class _TileRun:
 
     def step(self) -> tuple[float, float]:
         """One accelerated RL-TV iteration; the sums of ``|change|`` and ``|signal|`` over
-        the mask (0, 0 once the tile has stopped)."""
+        the mask (0, 0 once the tile has stopped). ``u`` holds the extrapolated starting
+        point, ``previous`` the estimate."""
         if self.stopped is not None:
             return 0.0, 0.0
         s = self.s
-        alpha = _momentum(self.done)
-        if alpha > 0:
-            _extrapolate(self.u, self.previous, self.floor, np.float32(alpha))
-        else:
-            self.previous[...] = self.u
         spectrum = sfft.rfft2(self.u)
         spectrum *= self.otf
         model = sfft.irfft2(spectrum, s=self.u.shape)
@@ -362,7 +352,6 @@ class _TileRun:
         # is explained from the start is left as it is.)
         chi2 = _ratio(self.d, model, self.mask, self.tiny, np.float32(1.0 / s.sigma**2))
         if chi2 <= 1.0:
-            self.u[...] = self.previous
             self.stopped = "noise level"
             return 0.0, 0.0
         spectrum = sfft.rfft2(model)
@@ -370,10 +359,12 @@ class _TileRun:
         correction = sfft.irfft2(spectrum, s=self.u.shape)
         change, base = _update(
             self.u,
+            self.previous,
             correction,
             self.floor,
             np.float32(s.lam),
             np.float32(s.sigma**2),
+            np.float32(_momentum(self.done + 1)),
             self.mask,
             self.rows,
         )
@@ -384,9 +375,9 @@ class _TileRun:
         """What to add to the tile: deconvolved minus original, weighted by the signal mask."""
         if self.done == 0:
             return None
-        self.u -= self.d
-        self.u *= self.weight
-        return self.u
+        self.previous -= self.d
+        self.previous *= self.weight
+        return self.previous
 
 
 def _tiles(length: int, core: int) -> list[tuple[int, int, int]]:

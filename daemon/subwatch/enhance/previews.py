@@ -6,17 +6,21 @@ known about how it was made) and, in this order:
 1. fits the sky **gradient** to star-free samples and removes it (subtracted for light
    pollution, divided for vignetting-like gradients);
 2. measures the stack's **SNR** against the noise its subs promise (sqrt(N) growth) and
-   forecasts the integration still needed to reach ``target_snr``; the per-pixel SNR map goes
-   to ``snr.fits``;
+   forecasts the integration still needed to reach ``target_snr``; the SNR map (one value
+   per cell of a few tens of pixels) goes to ``snr.fits``;
 3. measures the **PSF** from the stack's stars and **deconvolves** the gradient-free image with
    it (regularised Richardson-Lucy, stopping early when it stops improving);
-4. **stretches** each result for the eye and writes ``preview.png``, ``deconvolved.png`` and
-   the linear ``background.fits``, ``deconvolved.fits`` and ``snr.fits``, each atomically.
+4. **denoises** the deconvolved image (the gradient-free one when nothing was deconvolved)
+   with the shipped network (``subwatch.enhance.denoise``);
+5. **stretches** each result for the eye and writes ``preview.png``, ``deconvolved.png``,
+   ``denoised.png`` and the linear ``background.fits``, ``deconvolved.fits``,
+   ``denoised.fits`` and ``snr.fits``, each atomically.
 
 It returns the numbers for ``status.json``: the gradient, the SNR report and its forecast, the
 PSF, and how long each step took. Nothing here knows about the daemon: the same function
-serves ``subwatch enhance`` on any linear FITS and the preview worker on a live stack, and a
-step that cannot run (no stars for a PSF, no denoiser model) is skipped and said, not raised.
+serves ``subwatch enhance`` on any linear FITS and the preview worker on a live stack. A step
+that cannot run (no stars for a PSF, no denoiser model) is skipped and said; one that fails
+is a warning line and a ``failed`` entry in the status, and costs only its own product.
 
 Colour stacks are (H, W, 3), channel last. Pixels no sub covered are NaN in the snapshot: they
 are filled with the sky level for the science steps, black in the PNGs and NaN in the FITS.
@@ -75,6 +79,10 @@ class PreviewOptions:
     psf_grid: bool = False
     denoise: bool = True
     denoise_model: str | None = None
+    denoise_strength: float = 0.8
+    denoise_tile: int = 512
+    denoise_overlap: int = 48
+    denoise_threads: int = 2
     composite: bool = True
 
     @classmethod
@@ -94,6 +102,10 @@ class PreviewOptions:
             psf_grid=d.psf_grid,
             denoise=n.enabled,
             denoise_model=str(n.model) if n.model is not None else None,
+            denoise_strength=n.strength,
+            denoise_tile=n.tile,
+            denoise_overlap=n.overlap,
+            denoise_threads=n.threads,
         )
 
     def wants(self, product: str) -> bool:
@@ -113,7 +125,9 @@ class StackSnapshot:
     ``sub_noises`` and ``weights`` describe the integrated subs (sky noise after
     normalisation, ADU, and the weight each got), from which the noise the stack should have
     follows; ``snr_history`` holds earlier ``(integration_seconds, snr)`` measurements of the
-    same stack, which the forecast extrapolates.
+    same stack, which the forecast extrapolates. ``stars`` (x, y, flux, sigma; the stack's
+    reference sub's, in the stack's grid) register the stack to the other filters of its
+    target for a composite; without them the stars are measured on the image.
     """
 
     image: np.ndarray
@@ -125,6 +139,7 @@ class StackSnapshot:
     weights: list[float] = field(default_factory=list)
     snr_history: list[tuple[float, float]] = field(default_factory=list)
     header: dict[str, Any] = field(default_factory=dict)
+    stars: np.ndarray | None = None
 
     def without_image(self) -> StackSnapshot:
         """The metadata alone (the image travels apart, e.g. through shared memory)."""
@@ -138,6 +153,7 @@ class StackSnapshot:
             list(self.weights),
             list(self.snr_history),
             dict(self.header),
+            self.stars,
         )
 
 
@@ -183,6 +199,11 @@ class _Steps:
         return round(time.perf_counter() - self.t0, 4)
 
 
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -206,10 +227,6 @@ def fill_invalid(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         plane, ok = img[:, :, c], finite[:, :, c]
         plane[~ok] = np.median(plane[ok]) if ok.any() else 0.0
     return img, ~finite.all(axis=2)
-
-
-def luminance(image: np.ndarray) -> np.ndarray:
-    return image if image.ndim == 2 else image.mean(axis=2, dtype=np.float32)
 
 
 def _with_nan(image: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
@@ -282,7 +299,10 @@ def _gradient_doc(model: Any, opts: PreviewOptions) -> dict[str, Any]:
     )
 
 
-def _snr(stack: np.ndarray, snap: StackSnapshot, opts: PreviewOptions) -> tuple[dict, np.ndarray]:
+def _snr(
+    stack: np.ndarray, gradient: Any, snap: StackSnapshot, opts: PreviewOptions
+) -> tuple[dict, np.ndarray]:
+    """The SNR report and map, on the stack with its sky (the gradient model is reused)."""
     from subwatch.enhance.snr import stack_snr_report
 
     report, snr_map = stack_snr_report(
@@ -293,21 +313,18 @@ def _snr(stack: np.ndarray, snap: StackSnapshot, opts: PreviewOptions) -> tuple[
         integration_s=snap.integration_s,
         snr_history=[tuple(p) for p in snap.snr_history],
         target_snr=opts.target_snr,
+        gradient=gradient,
     )
     return dict(report), np.asarray(snr_map, np.float32)
 
 
 def _deconvolve(
-    flat: np.ndarray,
-    opts: PreviewOptions,
-    noise: float | None,
-    status: dict[str, Any],
-    steps: _Steps,
+    flat: np.ndarray, opts: PreviewOptions, status: dict[str, Any], steps: _Steps
 ) -> np.ndarray | None:
     """Measure the PSF on the gradient-free image and deconvolve with it (None: no PSF).
 
-    The sky noise measured for the SNR report is handed on for mono stacks; colour channels
-    differ in noise, and the deconvolver measures each.
+    The deconvolver measures the sky and its noise itself, as its stopping rule expects them
+    (per pixel, as second differences read them; the SNR report's noise is the unmixed one).
     """
     from subwatch.enhance.deconvolve import deconvolve
     from subwatch.enhance.psf import measure_psf
@@ -325,7 +342,6 @@ def _deconvolve(
             psf,
             max_iterations=opts.max_iterations,
             regularization=opts.regularization,
-            noise=noise if flat.ndim == 2 else None,
         )
     status["deconvolution"] = _round(
         {
@@ -340,11 +356,17 @@ def _deconvolve(
 
 
 def _stretch(image: np.ndarray, bad: np.ndarray | None, opts: PreviewOptions) -> np.ndarray:
+    """0..1 for the eye; colour is neutralised (grey sky, white stars) and then stretched
+    linked, which keeps the colour ratios of the data."""
     from subwatch.enhance.stretch import auto_stretch, neutralise_colour
 
+    linked = False
     if image.ndim == 3:
-        image = neutralise_colour(image)
-    out = np.asarray(auto_stretch(image, midtone=opts.midtone), np.float32)
+        try:
+            image, linked = neutralise_colour(image), True
+        except Exception as exc:  # each channel stretched on its own still shows the stack
+            log.warning("colour not neutralised (%s); channels stretched apart", one_line(exc))
+    out = np.asarray(auto_stretch(image, midtone=opts.midtone, linked=linked), np.float32)
     if bad is not None:
         out[bad] = 0.0
     return out
@@ -362,13 +384,141 @@ Denoiser = Callable[[np.ndarray], np.ndarray]
 
 
 def load_denoiser(opts: PreviewOptions) -> tuple[Denoiser | None, str]:
-    """The learned denoiser, or None and why (the model ships with a later release)."""
-    if opts.denoise_model is not None and not Path(opts.denoise_model).is_file():
-        return None, f"denoiser model {opts.denoise_model} not found"
-    return None, "no denoiser model available"
+    """The learned denoiser (linear image in, linear image out, same shape), or None and why.
+
+    The model is ``denoise.model``, else the one shipped in ``subwatch/models``; its
+    onnxruntime session is made once and kept by the (long-lived) preview process. A missing
+    or unreadable model, or no onnxruntime, is a reason, never an error: the other previews
+    are made as usual and status.json says the denoised one was skipped and why.
+    """
+    from subwatch.enhance.denoise import DenoiseSettings
+    from subwatch.enhance.denoise import load_denoiser as load
+
+    return load(
+        DenoiseSettings(
+            model=opts.denoise_model,
+            strength=opts.denoise_strength,
+            tile=opts.denoise_tile,
+            overlap=opts.denoise_overlap,
+            threads=opts.denoise_threads,
+        )
+    )
 
 
 # -- the cycle ------------------------------------------------------------------------------
+
+
+class _Cycle:
+    """One preview cycle's state: the filled image, what was written, timings, failures.
+
+    Each product is made under ``guard``: a step that fails (a stack with too few sky boxes
+    for a gradient, a defect in one step) is one warning line and a ``failed`` entry in
+    status.json, and the other products are still made.
+    """
+
+    def __init__(self, snapshot: StackSnapshot, out_dir: Path, opts: PreviewOptions) -> None:
+        self.snap, self.out, self.opts = snapshot, Path(out_dir), opts
+        self.steps = _Steps()
+        self.written: list[str] = []
+        self.product_seconds: dict[str, float] = {}
+        self.preview: dict[str, Any] = {
+            "frames": snapshot.n_frames,
+            "integration_seconds": round(snapshot.integration_s, 3),
+            "products": self.written,
+            "skipped": {},
+            "failed": {},
+            "seconds": self.steps.seconds,
+            "product_seconds": self.product_seconds,
+        }
+        self.status: dict[str, Any] = {"preview": self.preview}
+        with self.steps.step("prepare"):
+            self.image, self.bad = fill_invalid(snapshot.image)
+        self.flat = self.image
+        self.sharp: np.ndarray | None = None  # the deconvolved image, once made
+        self.model: Any = None
+
+    @contextmanager
+    def guard(self, product: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            why = one_line(exc)
+            log.warning("%s/%s: %s failed: %s", self.snap.target, self.snap.filter, product, why)
+            self.preview["failed"][product] = why
+
+    def write_fits(self, name: str, data: np.ndarray, **cards: Any) -> None:
+        with self.steps.step("write"):
+            write_fits_atomic(self.out / name, data, _header(self.snap, name[:-5], **cards))
+        self.written.append(name)
+
+    def write_png(self, name: str, linear: np.ndarray) -> None:
+        with self.steps.step("stretch"):
+            stretched = _stretch(linear, self.bad, self.opts)
+        with self.steps.step("write"):
+            _png(self.out / name, stretched)
+        self.written.append(name)
+
+    def gradient(self) -> None:
+        with self.steps.step("gradient"):
+            self.flat, self.model = _gradient(self.image, self.opts)
+        self.status["gradient"] = _gradient_doc(self.model, self.opts)
+        background = np.asarray(self.model.background, np.float32)
+        self.write_fits(
+            "background.fits", _fits_planes(background), GRADMODE=self.opts.gradient_mode
+        )
+
+    def snr(self) -> None:
+        with self.steps.step("snr"):
+            report, snr_map = _snr(self.image, self.model, self.snap, self.opts)
+        self.status["snr_report"] = _round(report, 4)
+        self.status["snr"] = _round(report.get("snr"), 3)
+        cell = report.get("snr_map_cell_px")
+        cards = {"CELLPX": (cell, "px of the stack per map pixel")} if cell else {}
+        if self.bad is not None and snr_map.shape == self.bad.shape:
+            snr_map = _with_nan(snr_map, self.bad)
+        self.write_fits("snr.fits", snr_map, **cards)
+
+    def denoised(self) -> None:
+        """The denoiser on the deconvolved stack (the gradient-free one when no deconvolved
+        image was made); without a model, said in the log and in status.json.
+
+        Denoising comes after deconvolution: deconvolution reads the stars' profiles through
+        the noise and stops on it, and a denoised image would hand it smoothed profiles and
+        no noise to stop on. The deconvolver leaves star-free sky exactly as it was, so the
+        noise the network meets there is the stack's own. No-data pixels go in as NaN, so the
+        noise is measured on real pixels only.
+        """
+        denoiser, why = load_denoiser(self.opts)
+        if denoiser is None:
+            log.info(
+                "denoised preview of %s/%s skipped: %s", self.snap.target, self.snap.filter, why
+            )
+            self.preview["skipped"]["denoised"] = why
+            return
+        source = "deconvolved" if self.sharp is not None else "gradient-free"
+        image = self.sharp if self.sharp is not None else self.flat
+        with self.steps.step("denoise"):
+            denoised = np.asarray(denoiser(_with_nan(image, self.bad)), np.float32)
+        info = getattr(denoiser, "info", None) or {}
+        self.preview["denoise"] = _round({"input": source, **info}, 4)
+        self.write_png("denoised.png", denoised)
+        self.write_fits("denoised.fits", _fits_planes(_with_nan(denoised, self.bad)))
+
+    def deconvolved(self) -> None:
+        deconvolved = _deconvolve(self.flat, self.opts, self.status, self.steps)
+        if deconvolved is None:
+            return
+        self.sharp = deconvolved
+        self.write_png("deconvolved.png", deconvolved)
+        self.write_fits("deconvolved.fits", _fits_planes(_with_nan(deconvolved, self.bad)))
+
+    def make(self, product: str, step: Callable[[], None]) -> None:
+        """Run one product's step, guarded and timed (the timings feed the metrics)."""
+        t0 = time.perf_counter()
+        with self.guard(product):
+            step()
+            if product not in self.preview["skipped"]:
+                self.product_seconds[product] = round(time.perf_counter() - t0, 4)
 
 
 def make_previews(
@@ -379,86 +529,18 @@ def make_previews(
     Returns the status.json fields and the gradient-free linear image (for composites).
     """
     opts = options or PreviewOptions()
-    out_dir = Path(out_dir)
-    steps = _Steps()
-    product_seconds: dict[str, float] = {}
-    written: list[str] = []
-    status: dict[str, Any] = {
-        "preview": {
-            "frames": snapshot.n_frames,
-            "integration_seconds": round(snapshot.integration_s, 3),
-            "products": written,
-            "skipped": {},
-            "seconds": steps.seconds,
-            "product_seconds": product_seconds,
-        }
-    }
-    with steps.step("prepare"):
-        image, bad = fill_invalid(snapshot.image)
-
-    # 1. gradient
-    t_preview = time.perf_counter()
-    with steps.step("gradient"):
-        flat, model = _gradient(image, opts)
-    status["gradient"] = _gradient_doc(model, opts)
-    with steps.step("write"):
-        write_fits_atomic(
-            out_dir / "background.fits",
-            _fits_planes(np.asarray(model.background, np.float32)),
-            _header(snapshot, "background", GRADMODE=opts.gradient_mode),
-        )
-    written.append("background.fits")
-
-    # 2. SNR and forecast
-    with steps.step("snr"):
-        report, snr_map = _snr(image, snapshot, opts)
-    status["snr_report"] = _round(report, 4)
-    status["snr"] = _round(report.get("snr"), 3)
-    with steps.step("write"):
-        write_fits_atomic(
-            out_dir / "snr.fits", _with_nan(snr_map, bad), _header(snapshot, "snr map")
-        )
-    written.append("snr.fits")
-
-    # 3. the stretched, gradient-free preview
+    cycle = _Cycle(snapshot, out_dir, opts)
+    cycle.make("background", cycle.gradient)  # failed: the products keep the gradient
+    cycle.make("snr", cycle.snr)
     if opts.wants("preview"):
-        with steps.step("stretch"):
-            stretched = _stretch(flat, bad, opts)
-        with steps.step("write"):
-            _png(out_dir / "preview.png", stretched)
-        written.append("preview.png")
-        product_seconds["preview"] = round(time.perf_counter() - t_preview, 4)
-
-    # 4. denoised: a hook until a model ships
-    if opts.wants("denoised"):
-        denoiser, why = load_denoiser(opts)
-        if denoiser is None:
-            log.info("denoised preview of %s/%s skipped: %s", snapshot.target, snapshot.filter, why)
-            status["preview"]["skipped"]["denoised"] = why
-
-    # 5. deconvolved
+        cycle.make("preview", lambda: cycle.write_png("preview.png", cycle.flat))
     if opts.wants("deconvolved"):
-        t0 = time.perf_counter()
-        noise = report.get("noise")
-        deconvolved = _deconvolve(
-            flat, opts, float(noise) if noise is not None else None, status, steps
-        )
-        if deconvolved is not None:
-            with steps.step("stretch"):
-                stretched = _stretch(deconvolved, bad, opts)
-            with steps.step("write"):
-                _png(out_dir / "deconvolved.png", stretched)
-                write_fits_atomic(
-                    out_dir / "deconvolved.fits",
-                    _fits_planes(_with_nan(deconvolved, bad)),
-                    _header(snapshot, "deconvolved"),
-                )
-            written.extend(["deconvolved.png", "deconvolved.fits"])
-            product_seconds["deconvolved"] = round(time.perf_counter() - t0, 4)
-
-    steps.seconds["total"] = steps.total()
-    status["preview"]["updated"] = now_iso()
-    return PreviewResult(status=status, flat=_with_nan(flat, bad))
+        cycle.make("deconvolved", cycle.deconvolved)
+    if opts.wants("denoised"):  # after deconvolution, on its result (see _Cycle.denoised)
+        cycle.make("denoised", cycle.denoised)
+    cycle.steps.seconds["total"] = cycle.steps.total()
+    cycle.preview["updated"] = now_iso()
+    return PreviewResult(status=cycle.status, flat=_with_nan(cycle.flat, cycle.bad))
 
 
 def history_point(status: dict[str, Any]) -> tuple[float, float] | None:
@@ -486,9 +568,12 @@ class PreviewRenderer:
         status = result.status
         snap = request.snapshot
         if request.options.composite and result.flat is not None and result.flat.ndim == 2:
-            self._composite(
-                snap, result.flat, Path(request.out_dir).parent, request.options, status
-            )
+            target_dir = Path(request.out_dir).parent
+            try:
+                self._composite(snap, result.flat, target_dir, request.options, status)
+            except Exception as exc:
+                log.warning("%s: composite failed: %s", snap.target, one_line(exc))
+                status["preview"]["failed"]["composite"] = one_line(exc)
         return status
 
     def _composite(
@@ -505,7 +590,7 @@ class PreviewRenderer:
         if canonical_filter(snap.filter) is None:
             return
         channels = self._channels.setdefault(snap.target, {})
-        channels[snap.filter] = Channel(snap.filter, flat)
+        channels[snap.filter] = Channel(snap.filter, flat, snap.stars)
         if len(channels) < 2:
             return
         t0 = time.perf_counter()

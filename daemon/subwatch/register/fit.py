@@ -142,19 +142,26 @@ class _Candidate:
         return float(np.sqrt(np.mean(self.residuals[order[:n]] ** 2)))
 
 
-def _prepare(stars: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate a star list; return positions (N, 2) brightest first and fluxes (or None)."""
+def _prepare(
+    stars: np.ndarray, what: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Validate a star list; return positions (N, 2) brightest first, fluxes and positional
+    uncertainties (each None when the list does not carry it)."""
     a = np.asarray(stars, dtype=np.float64)
     if a.size == 0:
-        return np.empty((0, 2)), None
-    if a.ndim != 2 or a.shape[1] not in (2, 3):
-        raise ValueError(f"{what} must be an (N, 2) x,y or (N, 3) x,y,flux array, got {a.shape}")
+        return np.empty((0, 2)), None, None
+    if a.ndim != 2 or a.shape[1] not in (2, 3, 4):
+        raise ValueError(
+            f"{what} must be an (N, 2) x,y, (N, 3) x,y,flux or (N, 4) x,y,flux,sigma array, "
+            f"got {a.shape}"
+        )
     a = a[np.all(np.isfinite(a[:, :2]), axis=1)]
     if a.shape[1] == 2:
-        return a.copy(), None
+        return a.copy(), None, None
     flux = np.where(np.isfinite(a[:, 2]), a[:, 2], -np.inf)
     order = np.argsort(-flux, kind="stable")
-    return a[order, :2].copy(), a[order, 2].copy()
+    sigma = a[order, 3].copy() if a.shape[1] == 4 else None
+    return a[order, :2].copy(), a[order, 2].copy(), sigma
 
 
 def _score_hypotheses(
@@ -240,7 +247,7 @@ def _refine(
     ref_tree: cKDTree,
     model: str,
     radius: float,
-    pair_weights: _PairWeights | None,
+    pair_weights: _PairWeights | _SigmaWeights | None,
     excluded: np.ndarray | None = None,
 ) -> _Candidate | None:
     """Iterate match-all-stars / least-squares until the pair set is stable.
@@ -280,7 +287,7 @@ def _fixed_pattern(
     ref: np.ndarray,
     ref_tree: cKDTree,
     model: str,
-    pair_weights: _PairWeights | None,
+    pair_weights: _PairWeights | _SigmaWeights | None,
     needed: int,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Detect sensor defects that a small dither mixed into the star pairs.
@@ -352,6 +359,33 @@ class _PairWeights:
     def __getitem__(self, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         i, j = pairs
         return np.clip(np.sqrt(self._s[i] * self._r[j]), 0.1, 10.0)
+
+
+class _SigmaWeights:
+    """Least-squares weights of star pairs from the stars' positional uncertainties.
+
+    A pair weighs ``1 / (sigma_sub^2 + sigma_ref^2)``: the inverse variance of the offset
+    between the two centroids. The star finder gives each star a sigma from its SNR and width
+    and an infinite one to saturated stars, whose flat cores centre poorly: they still help to
+    find and check the transform, but weigh nothing in the fit. Pairs with no finite weight at
+    all fall back to equal weights.
+    """
+
+    def __init__(self, sigma_sub: np.ndarray, sigma_ref: np.ndarray) -> None:
+        self._s = self._variance(sigma_sub)
+        self._r = self._variance(sigma_ref)
+
+    @staticmethod
+    def _variance(sigma: np.ndarray) -> np.ndarray:
+        v = np.asarray(sigma, np.float64) ** 2
+        return np.where(np.isfinite(v) & (v > 0), v, np.inf)
+
+    def __getitem__(self, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        i, j = pairs
+        w = 1.0 / (self._s[i] + self._r[j])
+        if np.count_nonzero(w) < 3:
+            return np.ones(len(w))
+        return w / w.max()
 
 
 def _flux_weights(flux: np.ndarray | None) -> np.ndarray | None:
@@ -480,8 +514,8 @@ def find_transform(
     if max_stars < 3:
         raise ValueError("max_stars must be at least 3")
     needed = max(int(min_inliers), _MIN_POINTS[model], 3)
-    sub, flux_sub = _prepare(stars, "stars")
-    ref, flux_ref = _prepare(reference, "reference")
+    sub, flux_sub, sigma_sub = _prepare(stars, "stars")
+    ref, flux_ref, sigma_ref = _prepare(reference, "reference")
     if len(sub) < needed or len(ref) < needed:
         raise RegistrationError(
             f"too few stars to register: {len(sub)} in the sub, {len(ref)} in the reference "
@@ -546,8 +580,10 @@ def find_transform(
     attempts = _distinct(hyps, ranked, corners, match_radius, MAX_REFINEMENTS)
 
     ref_tree = cKDTree(ref)
-    weights = None
-    if weight_by_flux and flux_sub is not None and flux_ref is not None:
+    weights: _PairWeights | _SigmaWeights | None = None
+    if sigma_sub is not None and sigma_ref is not None:
+        weights = _SigmaWeights(sigma_sub, sigma_ref)
+    elif weight_by_flux and flux_sub is not None and flux_ref is not None:
         weights = _PairWeights(flux_sub, flux_ref)
     ws, wr = _flux_weights(flux_sub), _flux_weights(flux_ref)
     refined: list[_Candidate] = []

@@ -11,7 +11,7 @@ Threads, and what each may do:
   checkpoints, and keeps systemd, the metrics and the status up to date. The pipeline and its
   state are touched by this thread only.
 - the preview dispatcher (``previewer``) renders previews of snapshots the worker hands it
-  (in a separate, niced process by default) and merges their numbers into status.json; it
+  (in a separate, low-priority process by default) and merges their numbers into status.json; it
   never touches the stacks.
 - the HTTP server (``web``) reads the output folder, the metrics and ``status()``.
 
@@ -29,12 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from subwatch import __version__
 from subwatch.config import Config
 from subwatch.frames import JsonlWriter
+from subwatch.service.allocator import keep_freed_memory
 from subwatch.service.checkpoint import CheckpointError, load_checkpoint, set_aside
 from subwatch.service.feeder import QUEUE_SIZE, Feeder, WorkQueue
 from subwatch.service.ledger import Ledger, fingerprint
@@ -139,6 +141,7 @@ class Daemon:
     ) -> None:
         if cfg.watch.path is None:
             raise ValueError("no watch folder: give --watch or watch.path")
+        keep_freed_memory()
         self.cfg = cfg
         self.once = once
         self.stop = stop or threading.Event()
@@ -244,10 +247,7 @@ class Daemon:
             done = pipeline.preview_status.get(session.key, {}).get("preview", {})
             self.schedule.mark(session.key, int(done.get("frames") or 0))
         if cfg.previews.enabled:
-            options: dict[str, Any] = {"mode": self.preview_mode, "on_result": self._preview_done}
-            if self.preview_factory is not None:
-                options["factory"] = self.preview_factory
-            self.previewer = Previewer(**options)
+            self._start_previewer()
         idle = self.idle_exit
         feeder = self.feeder = Feeder(
             scanner,
@@ -351,12 +351,24 @@ class Daemon:
 
     # -- previews ------------------------------------------------------------------------------
 
+    def _start_previewer(self) -> Previewer:
+        """The preview dispatcher; its process starts with the first preview."""
+        options: dict[str, Any] = {"mode": self.preview_mode, "on_result": self._preview_done}
+        if self.preview_factory is not None:
+            options["factory"] = self.preview_factory
+        self.previewer = Previewer(**options)
+        return self.previewer
+
     def _request_previews(self, *, final: bool = False) -> None:
-        """Hand the previewer a snapshot of each stack that is due (``final``: each with subs
-        added since its last preview). Only a copy of the mean image is taken here."""
-        if self.previewer is None or self.pipeline is None or not self.cfg.previews.enabled:
+        """Tell the previewer which stacks are due (``final``: each with subs added since its
+        last preview), and let it take a snapshot if it is free: between frames, on this
+        thread, the only one that changes the stacks."""
+        previewer, pipeline = self.previewer, self.pipeline
+        if pipeline is None or not self.cfg.previews.enabled:
             return
-        for session in list(self.pipeline.stacks.values()):
+        if previewer is None:  # turned on by a reload
+            previewer = self._start_previewer()
+        for session in list(pipeline.stacks.values()):
             if not session.has_reference:
                 continue
             key, frames = session.key, session.stacked
@@ -365,8 +377,9 @@ class Daemon:
             else:
                 due = self.schedule.due(key, frames, self.cfg.previews)
             if due:
-                self.previewer.request(self.pipeline.preview_request(session))
+                previewer.request(key, partial(pipeline.preview_request, session))
                 self.schedule.mark(key, frames)
+        previewer.feed()
 
     def _preview_done(self, request: PreviewRequest, status: dict[str, Any]) -> None:
         """On the preview thread: status.json, and the preview timings and stack SNR metrics."""

@@ -43,6 +43,7 @@ from subwatch.frames.outputs import write_json_atomic
 from subwatch.measure import FrameMeasurement, measure_frame
 from subwatch.measure.quality import GateHistory, judge
 from subwatch.register import Registration, RegistrationError, find_transform, warp_image
+from subwatch.service.allocator import release_freed_memory
 from subwatch.service.checkpoint import CheckpointState, save_checkpoint
 from subwatch.stack import StackSession, safe_name
 from subwatch.stack.photometry import FluxScale, flux_scale, reference_photometry
@@ -247,7 +248,7 @@ class Pipeline:
             return
         timer.lap("judge")
 
-        stars = m.stars.xyf()
+        stars = m.stars.xyfs()
         reg: Registration | None = None
         if session.has_reference:
             reg, failure = self._register(stars, session.reference_stars)
@@ -319,7 +320,9 @@ class Pipeline:
         self._note_sub_noise(session.key, m.background.noise, scale.scale)
         session.files.append(record["file"])
         if added.warmup_rejected:
-            # The warm-up buffer was integrated with this sub: say what each buffered sub lost.
+            # The warm-up buffer was integrated with this sub: its memory is free for good now.
+            release_freed_memory()
+            # Say what each buffered sub lost.
             buffered = session.files[-len(added.warmup_rejected) :]
             record["warmup_rejected_pixels"] = dict(
                 zip(buffered, added.warmup_rejected, strict=True)
@@ -525,8 +528,11 @@ class Pipeline:
         """
         acc = session.accumulator
         assert acc is not None
-        image = acc.mean()
-        image[acc.count == 0] = np.nan
+        if acc.buffer:  # still in the warm-up buffer: its plain weighted mean
+            image = acc.mean()
+            image[acc.count == 0] = np.nan
+        else:  # one pass, the mean where any weight fell (0.05 s at 26 MP)
+            image = np.where(acc.W > 0, acc.M, np.float32(np.nan))
         noises = self.sub_noise.get(session.key, [])
         history = self.preview_status.get(session.key, {}).get("snr_history", [])
         snapshot = StackSnapshot(
@@ -538,6 +544,7 @@ class Pipeline:
             sub_noises=[n for n, _ in noises],
             weights=[w for _, w in noises],
             snr_history=[(float(t), float(v)) for t, v in history],
+            stars=session.reference_stars,
         )
         folder = self.output / session.target / session.filter
         return PreviewRequest(snapshot, folder, PreviewOptions.from_config(self.cfg))

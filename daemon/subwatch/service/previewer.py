@@ -5,17 +5,18 @@ longer than a sub, so it must never hold the worker up. Three pieces keep it out
 
 - ``PreviewSchedule`` says when a stack is due: after ``previews.every_frames`` newly stacked
   subs, or ``previews.every_seconds`` after the last request if new subs came in since.
-- ``Previewer.request`` is all the per-frame thread does: it hands over a ``PreviewRequest``
-  whose snapshot is a private copy of the stack's mean image, taken by that thread (a copy of
-  a 26 MP float32 stack is ~0.05 s), and returns at once. Requests are **coalesced**: at
-  most one is pending per stack, a newer one replaces the older (keeping its place in line),
-  so a backlog of frames never becomes a backlog of previews of stacks that no longer exist.
-- A dispatcher thread takes the pending requests in turn and runs them in a **separate
-  process** (``mode="process"``, the default: multiprocessing 'spawn', started on first use
-  and kept, ``os.nice``'d, so it competes for the CPU only where the per-frame path leaves
-  some, and holds no GIL of ours) or on the dispatcher thread itself (``mode="thread"``:
-  no start-up cost, for tests and small machines). The image crosses to the process through
-  shared memory, not a pipe. See docs/decisions.md for the measurements behind the default.
+- ``Previewer.request`` notes a due stack: at most one request is pending per stack, a newer
+  one replacing the older (and keeping its place in line), so a backlog of frames never
+  becomes a backlog of previews. ``Previewer.feed``, called by the per-frame thread between
+  frames, takes the snapshot (a private copy of the stack's mean image: 0.05 s at 26 MP)
+  only when the renderer is free to take it: no copy is made to be thrown away, a pending
+  preview holds no memory, and the preview shows the stack as it is when it starts.
+- A dispatcher thread hands each snapshot to a **separate process** (``mode="process"``, the
+  default: multiprocessing 'spawn', started on first use and kept, at niceness 19, so the
+  per-frame path wins the CPU whenever both want it, and holding no GIL of ours; the image
+  crosses through shared memory, not a pipe) or renders it on itself (``mode="thread"``: no
+  start-up cost, for tests). docs/decisions.md has the measurements behind the default, and
+  why the process is not put in the SCHED_IDLE class (``ProcessRunner(idle=True)``).
 
 A preview that fails is one log line; the next request runs as usual (a process that died is
 started again). ``close`` either lets the pending previews finish (end of ``--once``) or
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from subwatch.enhance.previews import PreviewRenderer, PreviewRequest
+from subwatch.enhance.previews import PreviewRenderer, PreviewRequest, one_line
 
 if TYPE_CHECKING:
     from subwatch.config import PreviewsConfig
@@ -54,18 +55,15 @@ Render = Callable[[PreviewRequest], dict[str, Any]]
 # render function; must be picklable for the process mode (a class or module-level function).
 RenderFactory = Callable[[], Render]
 OnResult = Callable[[PreviewRequest, dict[str, Any]], None]
+# Makes a stack's preview request (a copy of the stack): called on the thread owning the stack.
+Snapshot = Callable[[], PreviewRequest]
 
-NICE = 10  # added niceness of the preview process (and, on Linux, of the preview thread)
+NICE = 19  # added niceness of the preview process (and of the preview thread); 19 is the lowest
 POLL = 0.2  # how often a wait looks at its stop flag, s
 
 
 class PreviewError(Exception):
     """A preview that failed; the message is one line for the log."""
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # -- cadence --------------------------------------------------------------------------------
@@ -141,15 +139,40 @@ class ThreadRunner:
         self._render = None
 
 
-def _child_main(conn: Connection, factory: RenderFactory, nice: int) -> None:
+def _lower_priority_of_this_process(nice: int, idle: bool) -> None:
+    """Niceness up by ``nice`` and, with ``idle`` on Linux, the SCHED_IDLE class (the process
+    then runs only on CPU time nothing else wants). Called before any thread starts, so the
+    pools that numpy, OpenCV and the deconvolver start later inherit it."""
+    if nice > 0:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    if idle and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _render_shared(
+    render: Render, request: PreviewRequest, name: str, shape: tuple[int, ...], dtype: str
+) -> dict[str, Any]:
+    """Render with the snapshot read in place from the parent's shared memory (the preview
+    cycle makes its own working copy first, so this saves one full-size copy)."""
+    shm = SharedMemory(name=name)
+    try:
+        request.snapshot.image = np.ndarray(shape, dtype, buffer=shm.buf)
+        return render(request)
+    finally:
+        request.snapshot.image = np.empty((0,), np.float32)
+        with contextlib.suppress(BufferError):  # a render kept a view: it keeps the mapping
+            shm.close()
+
+
+def _child_main(conn: Connection, factory: RenderFactory, nice: int, idle: bool) -> None:
     """The preview process: render what the parent sends until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the daemon, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # SIGTERM (the parent abandoning a preview) unwinds, so atomic writes remove their temps.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    if nice > 0:
-        with contextlib.suppress(OSError):
-            os.nice(nice)
+    _lower_priority_of_this_process(nice, idle)
     render = factory()
     while True:
         try:
@@ -158,14 +181,7 @@ def _child_main(conn: Connection, factory: RenderFactory, nice: int) -> None:
             return  # the daemon is gone
         request, (name, shape, dtype) = message
         try:
-            shm = SharedMemory(name=name)
-            try:
-                view = np.ndarray(shape, dtype, buffer=shm.buf)
-                request.snapshot.image = np.array(view)
-                del view
-            finally:
-                shm.close()
-            reply: tuple[str, Any] = ("ok", render(request))
+            reply: tuple[str, Any] = ("ok", _render_shared(render, request, name, shape, dtype))
         except Exception as exc:
             reply = ("error", one_line(exc))
             log.debug("preview failed", exc_info=True)
@@ -177,11 +193,14 @@ def _child_main(conn: Connection, factory: RenderFactory, nice: int) -> None:
 
 class ProcessRunner:
     """Renders in one long-lived, niced 'spawn' process; started on first use, restarted if
-    it dies."""
+    it dies. ``idle`` also puts it in Linux's SCHED_IDLE class: frames are then not slowed at
+    all, but any other busy process (another daemon, a plate solve, a test run) starves the
+    previews completely, the final ones of ``--once`` included."""
 
-    def __init__(self, factory: RenderFactory, nice: int = NICE) -> None:
+    def __init__(self, factory: RenderFactory, nice: int = NICE, idle: bool = False) -> None:
         self.factory = factory
         self.nice = nice
+        self.idle = idle
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
         self._conn: Connection | None = None
@@ -193,7 +212,7 @@ class ProcessRunner:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=_child_main,
-            args=(child, self.factory, self.nice),
+            args=(child, self.factory, self.nice, self.idle),
             name="subwatch-previews",
             daemon=True,
         )
@@ -227,7 +246,7 @@ class ProcessRunner:
     def _wait(self, conn: Connection, abort: threading.Event) -> dict[str, Any]:
         while not conn.poll(POLL):
             if abort.is_set():
-                self._stop_process()
+                self._stop_process(busy=True)
                 raise PreviewError("abandoned: stopping")
             if self._proc is None or not self._proc.is_alive():
                 code = None if self._proc is None else self._proc.exitcode
@@ -242,13 +261,14 @@ class ProcessRunner:
             raise PreviewError(str(payload))
         return payload
 
-    def _stop_process(self) -> None:
+    def _stop_process(self, busy: bool = False) -> None:
+        """An idle process ends on the closed pipe; a busy one is terminated (SIGTERM)."""
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
         if conn is not None:
-            conn.close()  # an idle child sees EOF and exits
+            conn.close()
         if proc is not None:
-            proc.join(timeout=1)
+            proc.join(timeout=0 if busy else 2)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
@@ -264,10 +284,15 @@ class ProcessRunner:
 
 
 class Previewer:
-    """Coalescing queue of preview requests and the thread that works it off.
+    """Stacks due for a preview, and the thread that renders them one at a time.
 
-    ``on_result(request, status)`` is called on the dispatcher thread after each preview that
-    worked; it must be thread-safe with respect to the per-frame thread.
+    The per-frame thread calls ``request(key, snapshot)`` when a stack is due and ``feed()``
+    between frames. ``request`` only notes the stack (a newer request replaces the pending one
+    and keeps its place in line); ``feed`` calls ``snapshot()``, which copies the stack, only
+    when the renderer is free to take it. So a snapshot is never taken to be thrown away, a
+    pending preview holds no memory, and what is rendered is the stack as it is when the
+    renderer gets to it. ``on_result(request, status)`` runs on the dispatcher thread after
+    each preview that worked; it must be thread-safe with respect to the per-frame thread.
     """
 
     def __init__(
@@ -285,9 +310,10 @@ class Previewer:
             ProcessRunner(factory, nice) if mode == "process" else ThreadRunner(factory, nice)
         )
         self.on_result = on_result
-        self._pending: OrderedDict[Key, PreviewRequest] = OrderedDict()
+        self._pending: OrderedDict[Key, Snapshot] = OrderedDict()
         self._cond = threading.Condition()
-        self._busy: Key | None = None
+        self._job: PreviewRequest | None = None  # handed over, not yet taken by the dispatcher
+        self._busy: Key | None = None  # handed over or rendering
         self._closing = False
         self._abort = threading.Event()
         self.done = 0
@@ -298,18 +324,38 @@ class Previewer:
 
     # -- the per-frame thread's side -----------------------------------------------------------
 
-    def request(self, request: PreviewRequest) -> None:
-        """Queue ``request``, replacing a pending one of the same stack; never blocks."""
+    def request(self, key: Key, snapshot: Snapshot) -> None:
+        """Note that ``key`` is due; ``snapshot()`` makes its request when it is its turn."""
         with self._cond:
             if self._closing:
                 return
-            if request.key in self._pending:
+            if key in self._pending:
                 self.replaced += 1
-                log.debug(
-                    "preview of %s/%s: a newer request replaces the pending one", *request.key
-                )
-            self._pending[request.key] = request  # an existing key keeps its place in line
+                log.debug("preview of %s/%s: a newer request replaces the pending one", *key)
+            self._pending[key] = snapshot  # an existing key keeps its place in line
+        self.feed()
+
+    def feed(self) -> bool:
+        """If the renderer is free, snapshot the stack longest due and hand it over.
+
+        Call it from the thread that owns the stacks, between frames; True if it handed one.
+        """
+        with self._cond:
+            if self._busy is not None or not self._pending or self._closing:
+                return False
+            key, snapshot = self._pending.popitem(last=False)
+            self._busy = key
+        try:
+            job = snapshot()
+        except Exception as exc:
+            log.error("preview of %s/%s: no snapshot: %s", *key, one_line(exc))
+            job = None
+        with self._cond:
+            self._job = job
+            if job is None:
+                self._busy = None
             self._cond.notify_all()
+        return job is not None
 
     def pending(self) -> list[Key]:
         with self._cond:
@@ -320,17 +366,20 @@ class Previewer:
         return self._busy
 
     def wait_idle(self, timeout: float | None = None, stop: threading.Event | None = None) -> bool:
-        """Wait until nothing is pending or running; False on timeout or when ``stop`` is set."""
+        """Feed and wait until nothing is pending or rendering (from the stacks' thread);
+        False on timeout or when ``stop`` is set."""
         end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._pending or self._busy is not None:
+        while True:
+            self.feed()
+            with self._cond:
+                if not self._pending and self._busy is None:
+                    return True
                 if stop is not None and stop.is_set():
                     return False
                 left = POLL if end is None else min(POLL, end - time.monotonic())
                 if left <= 0:
                     return False
                 self._cond.wait(left)
-        return True
 
     def close(self, *, drain: bool, stop: threading.Event | None = None) -> None:
         """Stop the dispatcher: after the pending previews (``drain``) or abandoning them."""
@@ -339,6 +388,7 @@ class Previewer:
         with self._cond:
             self._closing = True
             self._pending.clear()
+            self._job = None
             self._cond.notify_all()
         self._abort.set()
         if self.mode == "process" or self._busy is None:
@@ -349,42 +399,41 @@ class Previewer:
 
     def _next(self) -> PreviewRequest | None:
         with self._cond:
-            while not self._pending and not self._closing:
+            while self._job is None and not self._closing:
                 self._cond.wait()
-            if self._closing:
-                return None
-            key, request = self._pending.popitem(last=False)
-            self._busy = key
-            return request
+            job, self._job = self._job, None
+            return None if self._closing else job
 
     def _loop(self) -> None:
         while True:
             request = self._next()
             if request is None:
                 return
-            key = request.key
-            started = time.monotonic()
-            status: dict[str, Any] | None = None
-            try:
-                status = self.runner.run(request, self._abort)
-            except Exception as exc:
-                self.failed += 1
-                if not self._abort.is_set():
-                    why = str(exc) if isinstance(exc, PreviewError) else one_line(exc)
-                    log.error("preview of %s/%s failed: %s", *key, why)
-            if status is not None:
-                self.done += 1
-                log.info(
-                    "preview of %s/%s: %d subs, %.1f s",
-                    *key,
-                    request.snapshot.n_frames,
-                    time.monotonic() - started,
-                )
-                if self.on_result is not None:
-                    try:
-                        self.on_result(request, status)
-                    except Exception as exc:
-                        log.error("preview of %s/%s not recorded: %s", *key, one_line(exc))
+            self._render(request)
             with self._cond:
                 self._busy = None
                 self._cond.notify_all()
+
+    def _render(self, request: PreviewRequest) -> None:
+        key = request.key
+        started = time.monotonic()
+        try:
+            status = self.runner.run(request, self._abort)
+        except Exception as exc:
+            self.failed += 1
+            if not self._abort.is_set():
+                why = str(exc) if isinstance(exc, PreviewError) else one_line(exc)
+                log.error("preview of %s/%s failed: %s", *key, why)
+            return
+        self.done += 1
+        log.info(
+            "preview of %s/%s: %d subs, %.1f s",
+            *key,
+            request.snapshot.n_frames,
+            time.monotonic() - started,
+        )
+        if self.on_result is not None:
+            try:
+                self.on_result(request, status)
+            except Exception as exc:
+                log.error("preview of %s/%s not recorded: %s", *key, one_line(exc))

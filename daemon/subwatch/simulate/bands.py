@@ -42,11 +42,26 @@ NEUTRAL_SPECTRUM = np.array([1 / 3, 1 / 3, 1 / 3, 0.0, 0.0, 0.0])  # sunlight of
 
 # Filter aliases as capture programs spell them.
 _ALIASES = {
-    "l": "L", "lum": "L", "luminance": "L", "clear": "L",
-    "r": "R", "red": "R", "g": "G", "green": "G", "b": "B", "blue": "B",
-    "ha": "Ha", "h-alpha": "Ha", "halpha": "Ha", "h": "Ha",
-    "oiii": "OIII", "o3": "OIII", "o": "OIII",
-    "sii": "SII", "s2": "SII", "s": "SII",
+    "l": "L",
+    "lum": "L",
+    "luminance": "L",
+    "clear": "L",
+    "r": "R",
+    "red": "R",
+    "g": "G",
+    "green": "G",
+    "b": "B",
+    "blue": "B",
+    "ha": "Ha",
+    "h-alpha": "Ha",
+    "halpha": "Ha",
+    "h": "Ha",
+    "oiii": "OIII",
+    "o3": "OIII",
+    "o": "OIII",
+    "sii": "SII",
+    "s2": "SII",
+    "s": "SII",
 }
 
 

@@ -20,25 +20,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--exptime", type=float, default=d.exptime, help="light exposure, s")
     parser.add_argument("--target", default=d.target, help="OBJECT name")
-    parser.add_argument("--filters", default=",".join(d.filters),
-                        help="comma list, e.g. L,R,G,B or Ha,OIII,SII (ignored with --osc)")
+    parser.add_argument(
+        "--filters",
+        default=",".join(d.filters),
+        help="comma list, e.g. L,R,G,B or Ha,OIII,SII (ignored with --osc)",
+    )
     parser.add_argument("--filter-order", choices=("blocks", "roundrobin"), default=d.filter_order)
     parser.add_argument("--osc", action="store_true", help="one-shot-colour (Bayer) sensor")
     parser.add_argument("--bayer", default=d.bayer, choices=("RGGB", "GRBG", "GBRG", "BGGR"))
-    parser.add_argument("--flip-at", type=int, default=None, metavar="INDEX",
-                        help="meridian flip: lights from this 0-based index are turned 180 deg")
-    parser.add_argument("--defects", default="", metavar="SPEC",
-                        help='e.g. "3:trail,5:clouds,6:cosmic_rays"; types: trail, cosmic_rays, '
-                             "clouds, trailed, defocus")
-    parser.add_argument("--all-defects", action="store_true",
-                        help="one defect of each type over lights 2 and up")
+    parser.add_argument(
+        "--flip-at",
+        type=int,
+        default=None,
+        metavar="INDEX",
+        help="meridian flip: lights from this 0-based index are turned 180 deg",
+    )
+    parser.add_argument(
+        "--defects",
+        default="",
+        metavar="SPEC",
+        help='e.g. "3:trail,5:clouds,6:cosmic_rays"; types: trail, cosmic_rays, '
+        "clouds, trailed, defocus",
+    )
+    parser.add_argument(
+        "--all-defects", action="store_true", help="one defect of each type over lights 2 and up"
+    )
     parser.add_argument("--no-calibration", action="store_true", help="write lights only")
     parser.add_argument("--n-bias", type=int, default=d.n_bias)
     parser.add_argument("--n-darks", type=int, default=d.n_darks)
     parser.add_argument("--n-flats", type=int, default=d.n_flats)
     parser.add_argument("--temperature", type=float, default=d.temperature, help="set point, C")
-    parser.add_argument("--interval", type=float, default=None, metavar="SEC",
-                        help="write lights live, one every SEC seconds")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        metavar="SEC",
+        help="write lights live, one every SEC seconds",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> SimOptions:
@@ -88,6 +106,8 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"wrote {len(written)} frames ({', '.join(parts)}) to {opts.out}")
     if rejected:
         print(f"{rejected} light(s) carry a defect that should get them rejected")
-    print(f"truth: {Path(opts.out) / 'truth.json'}  noiseless reference: "
-          f"{Path(opts.out) / 'truth_sky.fits'}")
+    print(
+        f"truth: {Path(opts.out) / 'truth.json'}  noiseless reference: "
+        f"{Path(opts.out) / 'truth_sky.fits'}"
+    )
     return 0

@@ -25,12 +25,22 @@ DEFECT_TYPES = ("trail", "cosmic_rays", "clouds", "trailed", "defocus", "haze")
 # Defect type -> the reason a good pipeline should give for rejecting the frame.
 REJECTING = {"clouds": "clouds", "trailed": "trailed", "defocus": "defocused"}
 _DEFECT_ALIASES = {
-    "satellite": "trail", "aircraft": "trail", "trails": "trail",
-    "cosmic": "cosmic_rays", "cosmics": "cosmic_rays", "cr": "cosmic_rays",
-    "cosmic_ray": "cosmic_rays", "cosmic-rays": "cosmic_rays",
-    "cloud": "clouds", "cloudy": "clouds", "thin_clouds": "haze", "dew": "haze",
-    "trailing": "trailed", "guiding": "trailed",
-    "defocused": "defocus", "focus": "defocus",
+    "satellite": "trail",
+    "aircraft": "trail",
+    "trails": "trail",
+    "cosmic": "cosmic_rays",
+    "cosmics": "cosmic_rays",
+    "cr": "cosmic_rays",
+    "cosmic_ray": "cosmic_rays",
+    "cosmic-rays": "cosmic_rays",
+    "cloud": "clouds",
+    "cloudy": "clouds",
+    "thin_clouds": "haze",
+    "dew": "haze",
+    "trailing": "trailed",
+    "guiding": "trailed",
+    "defocused": "defocus",
+    "focus": "defocus",
 }
 
 
@@ -200,7 +210,7 @@ def plan_night(
         hours = clock / 3600.0
         wander = 0.8 * wander + rng.normal(0.0, 0.12)
         fwhm = float(np.clip(mean_seeing + wander, lo, hi))
-        dx, dy = (rng.uniform(-dither_px, dither_px, 2) if i else (0.0, 0.0))
+        dx, dy = rng.uniform(-dither_px, dither_px, 2) if i else (0.0, 0.0)
         small_rot = rng.uniform(-max_rotation_deg, max_rotation_deg) if i else 0.0
         flipped = flip_at is not None and i >= flip_at
         phi = small_rot + (180.0 if flipped != flipped_ref else 0.0)
@@ -232,8 +242,9 @@ def plan_night(
             ccd_temp=ccd_temp,
         )
         for kind in defects.get(i, []):
-            _add_defect(plan, normalise_defect(kind), np.random.default_rng([seed, 30, i]),
-                        width, height)
+            _add_defect(
+                plan, normalise_defect(kind), np.random.default_rng([seed, 30, i]), width, height
+            )
         plans.append(plan)
     return plans
 
@@ -246,11 +257,17 @@ def _add_defect(plan: LightPlan, kind: str, rng: np.random.Generator, w: int, h:
         angle = rng.uniform(0.0, math.pi)
         px, py = rng.uniform(0.3 * w, 0.7 * w), rng.uniform(0.3 * h, 0.7 * h)
         (x0, y0), (x1, y1) = _clip_line(px, py, angle, w, h)
-        plan.defects.append({
-            "type": "trail", "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-            "width": round(float(rng.uniform(2.0, 3.0)), 3),
-            "peak_e": round(float(rng.uniform(1500.0, 6000.0)), 1),
-        })
+        plan.defects.append(
+            {
+                "type": "trail",
+                "x0": x0,
+                "y0": y0,
+                "x1": x1,
+                "y1": y1,
+                "width": round(float(rng.uniform(2.0, 3.0)), 3),
+                "peak_e": round(float(rng.uniform(1500.0, 6000.0)), 1),
+            }
+        )
     elif kind == "cosmic_rays":
         n = int(rng.integers(5, 16))
         xs = rng.integers(3, w - 3, n)
@@ -258,19 +275,28 @@ def _add_defect(plan: LightPlan, kind: str, rng: np.random.Generator, w: int, h:
         steps = [(1, 0), (0, 1), (1, 1), (1, -1)]
         for x, y in zip(xs, ys, strict=True):
             sx, sy = steps[int(rng.integers(0, 4))]
-            plan.cosmic.append((int(x), int(y), sx, sy, int(rng.integers(1, 4)),
-                                float(rng.uniform(1500.0, 20000.0))))
-        plan.defects.append({
-            "type": "cosmic_rays",
-            "positions": [[int(x), int(y)] for x, y in zip(xs, ys, strict=True)],
-        })
+            plan.cosmic.append(
+                (
+                    int(x),
+                    int(y),
+                    sx,
+                    sy,
+                    int(rng.integers(1, 4)),
+                    float(rng.uniform(1500.0, 20000.0)),
+                )
+            )
+        plan.defects.append(
+            {
+                "type": "cosmic_rays",
+                "positions": [[int(x), int(y)] for x, y in zip(xs, ys, strict=True)],
+            }
+        )
     elif kind == "clouds":
         transparency = round(float(rng.uniform(0.25, 0.35)), 3)
         factor = round(float(rng.uniform(1.6, 2.4)), 3)
         plan.transparency *= transparency
         plan.sky_factor *= factor
-        plan.defects.append({"type": "clouds", "transparency": transparency,
-                             "sky_factor": factor})
+        plan.defects.append({"type": "clouds", "transparency": transparency, "sky_factor": factor})
     elif kind == "trailed":
         length = round(float(rng.uniform(10.0, 20.0)), 2)
         angle = round(float(rng.uniform(0.0, 180.0)), 2)
@@ -282,8 +308,7 @@ def _add_defect(plan: LightPlan, kind: str, rng: np.random.Generator, w: int, h:
         factor = round(float(rng.uniform(1.0, 1.15)), 3)
         plan.transparency *= transparency
         plan.sky_factor *= factor
-        plan.defects.append({"type": "haze", "transparency": transparency,
-                             "sky_factor": factor})
+        plan.defects.append({"type": "haze", "transparency": transparency, "sky_factor": factor})
     elif kind == "defocus":
         plan.fwhm *= 3.0
         plan.beta = 2.5  # an out-of-focus star has flatter, broader wings

@@ -264,8 +264,9 @@ def make_nebula(
     v = ys * cos_t - xs * sin_t
 
     def envelope(sigma: float, ratio: float) -> np.ndarray:
-        return np.exp(np.float32(-0.5) * ((u / np.float32(sigma)) ** 2
-                                          + (v / np.float32(sigma * ratio)) ** 2))
+        return np.exp(
+            np.float32(-0.5) * ((u / np.float32(sigma)) ** 2 + (v / np.float32(sigma * ratio)) ** 2)
+        )
 
     big = tuple(s * small / 768 for s in (24, 48, 96, 192, 384))
     fine = tuple(s * small / 768 for s in (3, 6, 12, 24, 48))
@@ -338,8 +339,12 @@ def line_kernel(length: float, angle_deg: float) -> np.ndarray:
     ys = half + ts * math.sin(math.radians(angle_deg))
     x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
     fx, fy = xs - x0, ys - y0
-    for ddx, ddy, wgt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                          (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+    for ddx, ddy, wgt in (
+        (0, 0, (1 - fx) * (1 - fy)),
+        (1, 0, fx * (1 - fy)),
+        (0, 1, (1 - fx) * fy),
+        (1, 1, fx * fy),
+    ):
         np.add.at(kernel, (y0 + ddy, x0 + ddx), wgt)
     kernel = 0.5 * (kernel + kernel[::-1, ::-1])
     return (kernel / kernel.sum()).astype(np.float32)

@@ -39,7 +39,8 @@ class StackSession:
     serial: int = 1  # 1 for the first stack of a target and filter, then 2, 3 ...
     pointing: tuple[float | None, float | None] = (None, None)  # reference RA, Dec (deg)
     accumulator: WeightedAccumulator | None = None
-    reference_stars: np.ndarray | None = None  # (N, 3) x, y, flux
+    # (N, 4) x, y, flux, positional sigma; (N, 3) from checkpoints written before sigma
+    reference_stars: np.ndarray | None = None
     reference_photometry: ReferencePhotometry | None = None  # stamps to compare fluxes by
     reference_background: float = 0.0
     reference_noise: float = 0.0

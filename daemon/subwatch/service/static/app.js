@@ -301,6 +301,18 @@
       ["sub SNR", fmt(subSnr, 1)],
       ["FWHM", fwhm === null ? "–" : `${fmt(fwhm, 2)} px`],
     ];
+    // From the last preview: how far to the target SNR, whether the noise falls as 1/sqrt(N),
+    // and how strong the sky gradient is.
+    const report = info.snr_report || {};
+    if (report.forecast_method === "reached") facts.push([`SNR ${fmt(report.target_snr, 0)}`, "reached"]);
+    else if (num(report.forecast_seconds) !== null) {
+      facts.push([`to SNR ${fmt(report.target_snr, 0)}`, duration(report.forecast_seconds)]);
+    }
+    if (num(report.noise_ratio) !== null) facts.push(["noise vs √N", `${fmt(report.noise_ratio, 2)}×`]);
+    const gradient = info.gradient || {};
+    if (num(gradient.amplitude_percent) !== null) {
+      facts.push(["gradient", `${fmt(gradient.amplitude_percent, 1)} %`]);
+    }
     view.facts.replaceChildren();
     for (const [k, v] of facts) {
       const d = el("div");

@@ -1,0 +1,99 @@
+"""The denoising network: a compact three-level U-Net that predicts the noise, not the image.
+
+Why this shape: the budget is a 6248x4176 frame in 40 s on two CPU cores (about 50 k
+multiply-accumulates per pixel at most). A U-Net with 16/32/64 channels costs about 24 k MAC/px
+and sees about 40 px around each pixel, enough for stars and small-scale nebula texture; the
+coarse levels see the large-scale structure cheaply. Predicting the residual (noise) lets bright
+stars pass through almost untouched, as the noise to remove is about 1 everywhere in GAT units.
+
+Contract (what ``subwatch`` relies on; the ONNX export carries it):
+input ``[N, 2, H, W]`` float32 = (GAT(x) - c, noise-std map), output ``[N, 1, H, W]`` = the
+denoised channel 0 in the same units; H and W multiples of ``MULTIPLE_OF``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MULTIPLE_OF = 4  # two 2x poolings
+INPUT_SCALE = 10.0  # GAT units are divided by this inside the graph, and multiplied back
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """Three-level U-Net, ``width`` channels at full resolution, doubling per level."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        c = width
+        self.enc1 = _block(2, c)
+        self.enc2 = _block(c, 2 * c)
+        self.mid = _block(2 * c, 4 * c)
+        self.pool = nn.MaxPool2d(2)
+        self.up2 = nn.ConvTranspose2d(4 * c, 2 * c, 2, stride=2)
+        self.dec2 = _block(4 * c, 2 * c)
+        self.up1 = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.dec1 = _block(2 * c, c)
+        self.head = nn.Conv2d(c, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x[:, 0:1]
+        a = torch.cat([z / INPUT_SCALE, x[:, 1:2]], dim=1)
+        e1 = self.enc1(a)
+        e2 = self.enc2(self.pool(e1))
+        m = self.mid(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        noise = self.head(d1)
+        return z - INPUT_SCALE * noise
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def macs_per_pixel(model: nn.Module, size: int = 64) -> float:
+    """Multiply-accumulates per input pixel of the convolutions, counted with forward hooks."""
+    total = 0
+
+    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            total += out.numel() * mod.in_channels * k // mod.groups
+        elif isinstance(mod, nn.ConvTranspose2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            inp = _inp[0]
+            total += inp.numel() * mod.out_channels * k
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 2, size, size))
+    for h in handles:
+        h.remove()
+    return total / (size * size)
+
+
+def receptive_field(model: nn.Module, size: int = 128) -> int:
+    """Width (px) of the input region that influences one output pixel, found by autograd."""
+    x = torch.randn(1, 2, size, size, requires_grad=True)
+    out = model(x)
+    out[0, 0, size // 2, size // 2].backward()
+    g = x.grad[0].abs().sum(dim=0)
+    g[size // 2, size // 2] = 0.0  # the residual path's own pixel
+    cols = torch.nonzero(g.sum(dim=0) > 0).flatten()
+    rows = torch.nonzero(g.sum(dim=1) > 0).flatten()
+    return int(max(cols.max() - cols.min(), rows.max() - rows.min()) + 1)

@@ -1,0 +1,192 @@
+"""Train the shipped denoiser from a seed: ``python -m training.train`` reproduces it.
+
+Recipe: residual U-Net (``training.model``), batches of synthetic 96x96 scenes
+(``training.scenes``) with noise redrawn every batch, MSE in GAT units, Adam with a short
+linear warm-up then cosine decay, gradient norm clipped at 1. The batch of iteration ``i`` is
+drawn from ``numpy.random.default_rng([seed, i])`` and the weights start from
+``torch.manual_seed(seed)``, so a run is a function of its arguments, and resuming from a
+checkpoint gives the same model as running straight through.
+
+Outputs in ``--out``: ``log.csv`` (iteration, wall time, learning rate, mean loss, quick
+validation), ``checkpoint.pt`` (every few minutes; ``--resume`` continues from it),
+``model.pt``, ``validation.json``, ``facts.json``; the ONNX file goes to ``--export``, once
+early (``--early-export-at``) so inference can be tried against the real contract, and at the
+end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.export import export_onnx
+from training.model import UNet, count_params, macs_per_pixel, receptive_field
+from training.scenes import make_batch
+from training.validate import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPORT = ROOT / "daemon" / "subwatch" / "models" / "denoiser.onnx"
+
+
+def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 2 % of ``lr``."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    t = (it - warmup) / max(iters - warmup, 1)
+    return lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _plain_args(args: argparse.Namespace) -> dict[str, object]:
+    """Arguments as JSON-able values, paths relative to the repository when inside it."""
+    out: dict[str, object] = {}
+    for k, v in vars(args).items():
+        if isinstance(v, Path):
+            v = str(v.resolve().relative_to(ROOT)) if v.resolve().is_relative_to(ROOT) else str(v)
+        out[k] = v
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Train the subwatch denoiser.")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=1400)
+    ap.add_argument("--stop-at", type=int, default=None, help="end early, schedule unchanged")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "training" / "runs" / "shipped")
+    ap.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
+    ap.add_argument("--early-export-at", type=int, default=500)
+    ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    ap.add_argument("--final-scenes", type=int, default=16, help="validation scenes per depth")
+    ap.add_argument("--resume", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = UNet(width=args.width)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    stop = args.iters if args.stop_at is None else min(args.stop_at, args.iters)
+    facts = {
+        "params": count_params(model),
+        "macs_per_pixel": macs_per_pixel(model),
+        "receptive_field": receptive_field(model),
+    }
+    print(
+        f"UNet width {args.width}: {facts['params']} parameters, "
+        f"{facts['macs_per_pixel']:.0f} MAC/px, receptive field {facts['receptive_field']} px",
+        flush=True,
+    )
+
+    start, wall_before = 0, 0.0
+    ckpt = args.out / "checkpoint.pt"
+    log_path = args.out / "log.csv"
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, wall_before = state["iter"], state["wall_s"]
+        print(f"resumed at iteration {start}", flush=True)
+    else:
+        log_path.write_text("iter,wall_s,lr,loss,val_gat_gain_db\n")
+    log = log_path.open("a")
+
+    t0 = time.monotonic()
+    last_ckpt = t0
+    losses: list[float] = []
+    model.train()
+
+    def wall() -> float:
+        return wall_before + time.monotonic() - t0
+
+    def checkpoint(it: int) -> None:
+        _save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "iter": it,
+                "wall_s": wall(),
+                "width": args.width,
+                "args": _plain_args(args),
+            },
+            ckpt,
+        )
+
+    for it in range(start, stop):
+        lr = lr_at(it, args.iters, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = make_batch(np.random.default_rng([args.seed, it]), args.batch, args.size)
+        pred = model(torch.from_numpy(x))
+        loss = torch.mean((pred - torch.from_numpy(y)) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+
+        done = it + 1
+        val = ""
+        if done % args.val_every == 0 or done == stop:
+            v = validate(model, per_depth=4)
+            val = f"{v['mean_gat_gain_db']:.3f}"
+        if done % args.log_every == 0 or val:
+            log.write(f"{done},{wall():.1f},{lr:.3e},{np.mean(losses):.5f},{val}\n")
+            log.flush()
+            print(
+                f"it {done} {wall():.0f}s lr {lr:.2e} loss {np.mean(losses):.4f} {val}", flush=True
+            )
+            losses = []
+        if done == args.early_export_at:
+            checkpoint(done)
+            f = export_onnx(model, args.export, version=f"early-{done}")
+            print(f"early export at {done}: {f}", flush=True)
+            model.train()
+        if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
+            checkpoint(done)
+            last_ckpt = time.monotonic()
+
+    checkpoint(stop)
+    log.close()
+    train_wall = wall()
+    model.eval()
+    torch.save({"model": model.state_dict(), "width": args.width}, args.out / "model.pt")
+    scores = validate(model, per_depth=args.final_scenes)
+    scores["iterations"] = stop
+    (args.out / "validation.json").write_text(json.dumps(scores, indent=1) + "\n")
+    version = f"1.0-seed{args.seed}-it{stop}"
+    facts |= export_onnx(model, args.export, version=version)
+    facts |= {
+        "iterations": stop,
+        "train_wall_s": round(train_wall, 1),
+        "version": version,
+        "args": _plain_args(args),
+    }
+    (args.out / "facts.json").write_text(json.dumps(facts, indent=1) + "\n")
+    print(json.dumps(scores, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
