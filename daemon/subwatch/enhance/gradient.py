@@ -57,6 +57,7 @@ import cv2
 import numpy as np
 from scipy.interpolate import RBFInterpolator
 
+from subwatch.enhance.stretch import as_planes
 from subwatch.measure.background import Background, measure_gradient
 
 __all__ = ["METHODS", "GradientModel", "fit_gradient", "remove_gradient"]
@@ -231,16 +232,6 @@ _Surface = _Polynomial | _Spline
 
 
 # ----------------------------------------------------------------------------- samples
-
-
-def _planes(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) float32 view of a 2D or 3D image."""
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3:
-        raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {arr.shape}")
-    return arr.astype(np.float32, copy=False)
 
 
 def _binning(height: int, width: int) -> int:
@@ -452,7 +443,7 @@ def fit_gradient(
         raise ValueError(f"gradient method must be one of {METHODS}, not {method!r}")
     if not 1 <= order <= 4:
         raise ValueError(f"polynomial order must be 1-4, not {order}")
-    planes = _planes(image)
+    planes = as_planes(image)
     h, w, _ = planes.shape
     f = _binning(h, w)
     work = _bin(planes, f)

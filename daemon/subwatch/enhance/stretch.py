@@ -84,7 +84,8 @@ def mtf(m: float, x: np.ndarray | float) -> np.ndarray | float:
     return (m - 1.0) * x / ((2.0 * m - 1.0) * x - m)
 
 
-def _planes(image: np.ndarray) -> np.ndarray:
+def as_planes(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) float32 view of a 2D or 3D image: mono and colour through one code path."""
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -140,7 +141,7 @@ def auto_stretch(image: np.ndarray, *, midtone: float = 0.2, linked: bool = Fals
     """
     if not 0.0 < midtone < 1.0:
         raise ValueError(f"midtone must lie strictly between 0 and 1, not {midtone}")
-    planes = _planes(image)
+    planes = as_planes(image)
     channels = planes.shape[2]
     low, high = float(np.min(planes)), float(np.max(planes))
     if not (math.isfinite(low) and math.isfinite(high)):
@@ -203,7 +204,7 @@ def _star_colours(image: np.ndarray) -> np.ndarray:
 
 def white_balance(image: np.ndarray) -> np.ndarray:
     """Per-channel factors that make the median star colour white (ones when unknown)."""
-    planes = _planes(image)
+    planes = as_planes(image)
     channels = planes.shape[2]
     colours = _star_colours(planes)
     ok = np.all(colours > 0, axis=1) if colours.size else np.zeros(0, bool)
@@ -219,7 +220,7 @@ def white_balance(image: np.ndarray) -> np.ndarray:
 
 def neutralise_colour(image: np.ndarray) -> np.ndarray:
     """Grey sky and white stars: (H, W, 3) linear in, float32 linear out (module doc)."""
-    planes = _planes(image)
+    planes = as_planes(image)
     if planes.shape[2] == 1:
         return np.asarray(image, np.float32).copy()
     sky = np.array([estimate_background(planes[:, :, c]).level for c in range(planes.shape[2])])
