@@ -1,11 +1,22 @@
 """Per-frame cost of the whole chain, stage by stage, with peak memory.
 
-Simulates a session of the given size, runs ``subwatch run --once`` on it in this process and
-reports the median seconds per stage over the lights (from ``frames.jsonl``), the wall time per
-light, and the peak resident memory. Run it on a quiet machine:
+Simulates a session of the given size (or reuses one, ``--capture``), runs the daemon on it in
+this process and reports the median seconds per stage over the lights (from ``frames.jsonl``)
+and the peak resident memory. Run it on a quiet machine:
 
     python benchmarks/bench_pipeline.py --width 1024 --height 768 --lights 8
-    python benchmarks/bench_pipeline.py --width 6248 --height 4176 --lights 4
+    python benchmarks/bench_pipeline.py --width 6248 --height 4176 --lights 14 --capture /tmp/c26
+
+By default the frames arrive as they do at night: the daemon watches an empty folder, the
+calibration frames are put in, then each light in turn once the one before has its row in
+``frames.jsonl``, so a light is read just after it was written. ``--batch`` runs ``--once`` over
+the whole capture folder instead, where each light comes from the disk (on a machine whose page
+cache is smaller than the session, that adds the disk's read time to ``load``). Previews are
+off unless ``--previews``: they run in their own process and their effect on the per-frame time
+is what ``bench_previews.py`` measures.
+
+The memory copy rate measured before and after is printed too: on a shared virtual machine it
+varies several-fold over minutes, and per-frame times follow it.
 
 Timings belong in benchmarks/RESULTS.md with the machine and the date, never in tests.
 """
@@ -14,16 +25,86 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import resource
+import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from subwatch.config import Config
-from subwatch.service.daemon import run_daemon
+from subwatch.service.daemon import run_daemon, wait_for
 from subwatch.simulate import SimOptions, simulate_session
+
+
+def copy_rate() -> float:
+    """GB/s of a 400 MB memory copy (best of three, after a first touch of both arrays)."""
+    # In a child process, so that its arrays do not count in this process's peak RSS.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return float(pool.apply(_copy_rate))
+
+
+def _copy_rate() -> float:
+    a = np.ones(100_000_000, np.float32)
+    b = np.ones_like(a)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best / 1e9
+
+
+def _rows(journal: Path) -> list[dict]:
+    if not journal.is_file():
+        return []
+    return [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
+
+
+def _arrive(src: Path, capture: Path, watch: Path) -> None:
+    """Put one file into the watched folder whole, as a capture program's rename would."""
+    dest = watch / src.relative_to(capture)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.parent / f".{dest.name}.part"
+    shutil.copyfile(src, part)
+    os.replace(part, dest)
+
+
+def run_live(capture: Path, watch: Path, out: Path, previews: bool) -> None:
+    """Feed the capture into a watched folder frame by frame (see the module doc)."""
+    watch.mkdir(parents=True)
+    cfg = Config.model_validate(
+        {
+            "watch": {"path": str(watch), "settle_seconds": 0.2, "poll_seconds": 0.2},
+            "output": {"path": str(out)},
+            "previews": {"enabled": previews},
+        }
+    )
+    stop = threading.Event()
+    daemon = threading.Thread(target=run_daemon, args=(cfg,), kwargs={"stop": stop})
+    daemon.start()
+    journal = out / "frames.jsonl"
+    files = sorted(p for p in capture.rglob("*.fit*") if p.name != "truth_sky.fits")
+    calibration = [p for p in files if "lights" not in p.relative_to(capture).parts]
+    lights = [p for p in files if p not in calibration]
+    try:
+        for p in calibration:
+            _arrive(p, capture, watch)
+        if not wait_for(lambda: len(_rows(journal)) >= len(calibration), 600):
+            raise RuntimeError("the calibration frames were not all journalled")
+        for i, p in enumerate(lights, 1):
+            _arrive(p, capture, watch)
+            if not wait_for(lambda i=i: len(_rows(journal)) >= len(calibration) + i, 600):
+                raise RuntimeError(f"{p.name} was not journalled")
+    finally:
+        stop.set()
+        daemon.join()
 
 
 def main() -> None:
@@ -38,6 +119,8 @@ def main() -> None:
         type=Path,
         help="simulate into this folder, or reuse it when it already holds a session",
     )
+    parser.add_argument("--batch", action="store_true", help="run --once over the capture")
+    parser.add_argument("--previews", action="store_true", help="render previews meanwhile")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,11 +138,22 @@ def main() -> None:
                 )
             )
         t_sim = time.perf_counter() - t0
-        cfg = Config.model_validate({"watch": {"path": str(capture)}, "output": {"path": str(out)}})
+        rate_before = copy_rate()
         t0 = time.perf_counter()
-        run_daemon(cfg, once=True)
+        if args.batch:
+            cfg = Config.model_validate(
+                {
+                    "watch": {"path": str(capture)},
+                    "output": {"path": str(out)},
+                    "previews": {"enabled": args.previews},
+                }
+            )
+            run_daemon(cfg, once=True)
+        else:
+            run_live(capture, Path(tmp) / "watch", out, args.previews)
         t_run = time.perf_counter() - t0
-        rows = [json.loads(x) for x in (out / "frames.jsonl").read_text().splitlines()]
+        rate_after = copy_rate()
+        rows = _rows(out / "frames.jsonl")
 
     lights = [r for r in rows if r["kind"] == "light" and r["status"] in ("stacked", "rejected")]
     # The first light also builds the masters; report it apart.
@@ -69,7 +163,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}")
     kind = "OSC" if args.osc else "mono"
     print(f"frames: {args.width}x{args.height} {kind}, {len(lights)} lights")
-    print(f"simulate: {t_sim:.2f} s; run --once: {t_run:.2f} s (calibration frames included)")
+    mode = "--once over the folder" if args.batch else "frame by frame into a watched folder"
+    print(f"simulate: {t_sim:.2f} s; run ({mode}): {t_run:.2f} s (calibration frames included)")
+    print(f"memory copy rate: {rate_before:.1f} GB/s before, {rate_after:.1f} GB/s after")
     print(f"first light (builds masters): {lights[0]['seconds']['total']:.3f} s")
     # Subs integrated one by one after the warm-up buffer (the steady state of a night), and
     # the one that completed the buffer (it pays for the whole buffer's clipping), apart.

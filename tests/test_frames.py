@@ -17,7 +17,7 @@ from subwatch.frames import (
     read_frame,
 )
 from subwatch.frames.meta import normalise_header
-from subwatch.frames.outputs import JsonlWriter
+from subwatch.frames.outputs import JsonlWriter, write_fits_atomic
 
 
 def _fits_bytes(data: np.ndarray, **cards: object) -> bytes:
@@ -284,3 +284,25 @@ def test_rgb_cube_is_channel_last(tmp_path: Path) -> None:
     frame = read_frame(tmp_path / "rgb.fits")
     assert frame.data.shape == (10, 12, 3)
     np.testing.assert_array_equal(frame.data[0, 0], [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((7, 5), np.float64), ((1000, 3001), np.float32), ((13, 11, 3), np.float32), ((999,), ">f8")],
+)
+def test_streamed_fits_are_the_bytes_astropy_writes(
+    tmp_path: Path, shape: tuple[int, ...], dtype: str
+) -> None:
+    """Float images are streamed in chunks (4 MB: the second case takes four); the file must
+    be exactly what astropy writes, NaN included."""
+    data = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    data.flat[0] = np.nan
+    header = fits.Header()
+    header["OBJECT"] = "M 42"
+    header["EXPTIME"] = 60.0
+    write_fits_atomic(tmp_path / "a.fits", data, header)
+    expected = io.BytesIO()
+    hdu = fits.PrimaryHDU(data=data.astype(np.float32), header=header)
+    hdu.writeto(expected, output_verify="silentfix")
+    assert (tmp_path / "a.fits").read_bytes() == expected.getvalue()
+    assert not list(tmp_path.glob(".*.tmp"))

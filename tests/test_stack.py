@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from subwatch.stack import WeightedAccumulator
+from subwatch.stack.kernels import welford_update
 
 
 def _batch(frames, covs, weights) -> np.ndarray:
@@ -95,3 +98,34 @@ def test_colour_rejection_per_channel() -> None:
         result = acc.add(img, np.ones((20, 30), np.float32), noise=2.0)
     assert abs(acc.mean()[5, 5, 1] - 100) < 5
     assert result.rejected_pixels is not None
+
+
+def test_updates_from_two_threads_at_once_are_serialised_and_exact() -> None:
+    """The kernels' threading layer refuses concurrent launches (it would abort the process):
+    two threads updating two stacks at the same time must both get the exact result."""
+    rng = np.random.default_rng(8)
+    subs = rng.normal(100.0, 5.0, (12, 64, 48)).astype(np.float32)
+    covered = np.ones((64, 48), bool)
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def stack() -> None:
+        try:
+            W, M, S = (np.zeros((64, 48), np.float32) for _ in range(3))
+            for _ in range(20):
+                W[:], M[:], S[:] = 0.0, 0.0, 0.0
+                for sub in subs:
+                    welford_update(sub, covered, W, M, S, weight=1.0)
+            results.append(M.copy())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stack) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    expected = subs.astype(np.float64).mean(axis=0)
+    for mean in results:
+        np.testing.assert_allclose(mean, expected, rtol=1e-5)

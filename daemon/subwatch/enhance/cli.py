@@ -170,9 +170,11 @@ def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
 def run_cli(args: argparse.Namespace) -> int:
     """The command: 0, or 1 with one line on stderr (input errors raise ``EnhanceInputError``,
     a ``ValueError``, which ``subwatch.cli`` reports the same way)."""
+    from subwatch.service.allocator import keep_freed_memory
     from subwatch.service.logs import setup_logging
 
     setup_logging("WARNING", "text")
+    keep_freed_memory()  # the cycle's full-size temporaries reuse each other's memory
     options = _options(args.config)
     try:
         doc = enhance(args.stack, args.out, options)

