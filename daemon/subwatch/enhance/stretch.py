@@ -38,6 +38,7 @@ import math
 from pathlib import Path
 
 import cv2
+import numba
 import numpy as np
 
 from subwatch.frames.outputs import atomic_write_bytes
@@ -121,16 +122,26 @@ def stretch_parameters(
     return c0, white, min(max(m, 1e-7), 1.0 - 1e-7)
 
 
-def _apply(plane: np.ndarray, c0: float, white: float, m: float) -> np.ndarray:
-    """STF of one plane, float32, in place on a fresh array."""
-    out = plane - np.float32(c0)
-    out *= np.float32(1.0 / (white - c0))
-    np.clip(out, 0.0, 1.0, out=out)
-    denominator = out * np.float32(2.0 * m - 1.0)
-    denominator -= np.float32(m)
-    out *= np.float32(m - 1.0)
-    out /= denominator
+@numba.njit(cache=True, nogil=True)
+def _stf(plane: np.ndarray, c0: np.float32, inv_range: np.float32, m: np.float32) -> np.ndarray:
+    out = np.empty(plane.shape, np.float32)
+    zero, one = np.float32(0.0), np.float32(1.0)
+    a, b = m - one, np.float32(2.0) * m - one
+    for i in range(plane.shape[0]):
+        for j in range(plane.shape[1]):
+            x = (plane[i, j] - c0) * inv_range
+            if x < zero:  # NaN fails both tests and stays NaN (no data, black in a PNG)
+                x = zero
+            elif x > one:
+                x = one
+            out[i, j] = a * x / (b * x - m)
     return out
+
+
+def _apply(plane: np.ndarray, c0: float, white: float, m: float) -> np.ndarray:
+    """STF of one plane, float32, as a fresh array: one compiled pass (numpy needed six, 0.5 s
+    at 26 MP on the reference machine)."""
+    return _stf(plane, np.float32(c0), np.float32(1.0 / (white - c0)), np.float32(m))
 
 
 def auto_stretch(image: np.ndarray, *, midtone: float = 0.2, linked: bool = False) -> np.ndarray:
