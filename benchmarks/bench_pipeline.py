@@ -24,7 +24,6 @@ Timings belong in benchmarks/RESULTS.md with the machine and the date, never in 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from subwatch.config import Config
+from subwatch.frames.outputs import read_jsonl
 from subwatch.service.daemon import run_daemon, wait_for
 from subwatch.simulate import SimOptions, simulate_session
 
@@ -61,10 +61,14 @@ def _copy_rate() -> float:
     return 2 * a.nbytes / best / 1e9
 
 
-def _rows(journal: Path) -> list[dict]:
-    if not journal.is_file():
-        return []
-    return [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
+def _config(watch: Path, out: Path, previews: bool, **watching: float) -> Config:
+    return Config.model_validate(
+        {
+            "watch": {"path": str(watch), **watching},
+            "output": {"path": str(out)},
+            "previews": {"enabled": previews},
+        }
+    )
 
 
 def _arrive(src: Path, capture: Path, watch: Path) -> None:
@@ -79,13 +83,7 @@ def _arrive(src: Path, capture: Path, watch: Path) -> None:
 def run_live(capture: Path, watch: Path, out: Path, previews: bool) -> None:
     """Feed the capture into a watched folder frame by frame (see the module doc)."""
     watch.mkdir(parents=True)
-    cfg = Config.model_validate(
-        {
-            "watch": {"path": str(watch), "settle_seconds": 0.2, "poll_seconds": 0.2},
-            "output": {"path": str(out)},
-            "previews": {"enabled": previews},
-        }
-    )
+    cfg = _config(watch, out, previews, settle_seconds=0.2, poll_seconds=0.2)
     stop = threading.Event()
     daemon = threading.Thread(target=run_daemon, args=(cfg,), kwargs={"stop": stop})
     daemon.start()
@@ -96,11 +94,11 @@ def run_live(capture: Path, watch: Path, out: Path, previews: bool) -> None:
     try:
         for p in calibration:
             _arrive(p, capture, watch)
-        if not wait_for(lambda: len(_rows(journal)) >= len(calibration), 600):
+        if not wait_for(lambda: len(read_jsonl(journal)) >= len(calibration), 600):
             raise RuntimeError("the calibration frames were not all journalled")
         for i, p in enumerate(lights, 1):
             _arrive(p, capture, watch)
-            if not wait_for(lambda i=i: len(_rows(journal)) >= len(calibration) + i, 600):
+            if not wait_for(lambda i=i: len(read_jsonl(journal)) >= len(calibration) + i, 600):
                 raise RuntimeError(f"{p.name} was not journalled")
     finally:
         stop.set()
@@ -141,19 +139,12 @@ def main() -> None:
         rate_before = copy_rate()
         t0 = time.perf_counter()
         if args.batch:
-            cfg = Config.model_validate(
-                {
-                    "watch": {"path": str(capture)},
-                    "output": {"path": str(out)},
-                    "previews": {"enabled": args.previews},
-                }
-            )
-            run_daemon(cfg, once=True)
+            run_daemon(_config(capture, out, args.previews), once=True)
         else:
             run_live(capture, Path(tmp) / "watch", out, args.previews)
         t_run = time.perf_counter() - t0
         rate_after = copy_rate()
-        rows = _rows(out / "frames.jsonl")
+        rows = read_jsonl(out / "frames.jsonl")
 
     lights = [r for r in rows if r["kind"] == "light" and r["status"] in ("stacked", "rejected")]
     # The first light also builds the masters; report it apart.

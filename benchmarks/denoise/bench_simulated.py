@@ -86,9 +86,20 @@ def gat_mse(frame: Frame, estimate: np.ndarray) -> float:
     return float(np.mean((forward(estimate, nm) - forward(frame.truth, nm)) ** 2))
 
 
-def _tune_key(family: str, index: int, depth: int, corr: bool, method: str, params, size) -> str:
+def _frame_key(
+    stage: str,
+    family: str,
+    index: int,
+    depth: int,
+    corr: bool,
+    method: str,
+    params: dict[str, Any],
+    size: int,
+    **extra: Any,
+) -> str:
+    """The cache key of one method's scores on one frame (``extra``: the test stage's model)."""
     return Cache.key(
-        stage="tune",
+        stage=stage,
         family=family,
         index=index,
         depth=depth,
@@ -96,6 +107,7 @@ def _tune_key(family: str, index: int, depth: int, corr: bool, method: str, para
         method=method,
         params=params,
         size=size,
+        **extra,
     )
 
 
@@ -112,7 +124,9 @@ def tune(
                 for corr in (False, True):
                     for method in CLASSICAL:
                         for params in GRIDS[method]:
-                            key = _tune_key(family, index, depth, corr, method, params, size)
+                            key = _frame_key(
+                                "tune", family, index, depth, corr, method, params, size
+                            )
                             if cache.get(key) is not None:
                                 continue
                             frames = frames or _frames(family, index, size)
@@ -130,7 +144,7 @@ def tune(
             for method in CLASSICAL:
                 rows = [
                     [
-                        cache.get(_tune_key(f, i, depth, corr, method, params, size))
+                        cache.get(_frame_key("tune", f, i, depth, corr, method, params, size))
                         for f in families
                         for i in range(TUNE_BASE, TUNE_BASE + n)
                     ]
@@ -171,15 +185,15 @@ def test(
                     params = {}
                     if method in CLASSICAL:
                         params = chosen[f"{method}|{depth}|{int(corr)}"]
-                    key = Cache.key(
-                        stage="test",
-                        family=family,
-                        index=index,
-                        depth=depth,
-                        correlated=corr,
-                        method=method,
-                        params=params,
-                        size=size,
+                    key = _frame_key(
+                        "test",
+                        family,
+                        index,
+                        depth,
+                        corr,
+                        method,
+                        params,
+                        size,
                         model=tag if method == "network" else None,
                     )
                     if cache.get(key) is not None:
@@ -212,17 +226,7 @@ def verify(cache: Cache, size: int) -> None:
     were scored on (the noisy input's scores, recomputed for one frame of each family)."""
     for family in FAMILIES:
         frame = _frames(family, 0, size)[(DEPTHS[0], False)]
-        key = Cache.key(
-            stage="test",
-            family=family,
-            index=0,
-            depth=DEPTHS[0],
-            correlated=False,
-            method="noisy",
-            params={},
-            size=size,
-            model=None,
-        )
+        key = _frame_key("test", family, 0, DEPTHS[0], False, "noisy", {}, size, model=None)
         row = cache.get(key)
         if row is not None and abs(row["psnr_gat"] - score(frame, frame.noisy)["psnr_gat"]) > 1e-6:
             raise SystemExit(f"the {family} frames changed since they were cached: start afresh")

@@ -20,8 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from astropy.io import fits
 
-#: FITS files are whole blocks of this many bytes.
-BLOCK = 2880
+from subwatch.frames.fitsio import BLOCK
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
