@@ -19,6 +19,7 @@ from subwatch.calibration.apply import (
     find_outlier_pixels,
     flat_correct,
     normalise_flat,
+    subtract_and_flatten,
     subtract_bias,
     subtract_dark,
 )
@@ -586,3 +587,26 @@ def test_notes_are_plain_sentences(tmp_path: Path) -> None:
     lib = CalibrationLibrary(tmp_path / "m", CalibrationConfig())
     masters = lib.match(FrameMeta(path="l", kind="light", width=10, height=10))
     assert all(isinstance(n, str) and n[0].islower() for n in masters.notes)
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+@pytest.mark.parametrize("masters", ["both", "dark", "flat", "none"])
+def test_subtract_and_flatten_is_the_separate_steps_bit_for_bit(
+    channels: int | None, masters: str
+) -> None:
+    rng = np.random.default_rng(11)
+    shape = (523, 301)  # many bands, an odd width
+    light = rng.normal(1500.0, 200.0, shape if channels is None else (*shape, channels))
+    light = light.astype(np.float32)
+    dark = rng.normal(300.0, 5.0, shape).astype(np.float32)
+    flat = rng.uniform(0.6, 1.2, shape).astype(np.float32)
+    sub = dark if masters in ("both", "dark") else None
+    norm = flat if masters in ("both", "flat") else None
+    expected = light.copy()
+    if sub is not None:
+        expected = subtract_bias(light, sub if channels is None else sub[:, :, None])
+    if norm is not None:
+        expected = flat_correct(expected, norm if channels is None else norm[:, :, None])
+    got = subtract_and_flatten(light, sub, norm)
+    assert got.dtype == np.float32 and not np.shares_memory(got, light)
+    np.testing.assert_array_equal(got, expected)

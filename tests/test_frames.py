@@ -278,6 +278,57 @@ def test_every_fits_pixel_type_reads_to_float32(
     np.testing.assert_array_equal(frame.data, values.astype(np.float32))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "cards"),
+    [
+        (np.uint8, {}),
+        (np.int16, {}),
+        (np.uint16, {}),
+        (np.int32, {}),
+        (np.uint32, {}),
+        (np.float32, {}),
+        (">f8", {}),
+        (np.int16, {"BSCALE": 2.0, "BZERO": 1000.0}),  # scaled: astropy's path
+        (np.int16, {"BLANK": -32768}),  # blanks: astropy's path
+    ],
+)
+def test_plain_images_read_banded_to_astropys_values(
+    tmp_path: Path, dtype: str, cards: dict[str, float]
+) -> None:
+    # Tall enough for many bands; the full range of each type, extremes included.
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    if info is not None:
+        values = rng.integers(info.min, info.max, (700, 513), endpoint=True, dtype=np.int64)
+        values[0, :2] = info.min, info.max
+        values = values.astype(dtype)
+    else:
+        values = (rng.standard_normal((700, 513)) * 1e4).astype(dtype)
+        values[5, 7] = np.nan
+    hdu = fits.PrimaryHDU(values, do_not_scale_image_data=bool(cards))
+    for key, value in cards.items():
+        hdu.header[key] = value
+    path = tmp_path / "f.fits"
+    hdu.writeto(path)
+    expected = np.asarray(fits.getdata(path), dtype=np.float32)
+    frame = read_frame(path)
+    assert frame.data.dtype == np.float32
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(frame.data[finite], expected[finite])
+    assert frame.bad_pixels == int((~finite).sum())
+
+
+@pytest.mark.realdata
+def test_real_fits_read_to_astropys_values(real_data: Path) -> None:
+    paths = sorted(real_data.rglob("*.fit")) + sorted(real_data.rglob("*.fits"))
+    assert paths
+    for path in paths[:: max(1, len(paths) // 12)]:
+        expected = np.asarray(fits.getdata(path), dtype=np.float32)
+        if expected.ndim != 2:
+            continue
+        np.testing.assert_array_equal(read_frame(path).data, expected, err_msg=str(path))
+
+
 def test_rgb_cube_is_channel_last(tmp_path: Path) -> None:
     cube = np.stack([np.full((10, 12), v, np.float32) for v in (1, 2, 3)])
     fits.PrimaryHDU(cube).writeto(tmp_path / "rgb.fits")

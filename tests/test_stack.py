@@ -129,3 +129,25 @@ def test_updates_from_two_threads_at_once_are_serialised_and_exact() -> None:
     expected = subs.astype(np.float64).mean(axis=0)
     for mean in results:
         np.testing.assert_allclose(mean, expected, rtol=1e-5)
+
+
+def test_mono_rows_and_single_channel_rows_give_the_same_stack() -> None:
+    """Mono stacks take the vectorised row loop, colour ones the per-pixel loop: one arithmetic."""
+    rng = np.random.default_rng(21)
+    shape = (97, 131)
+    mono = [np.zeros(shape, np.float32) for _ in range(3)]
+    colour = [np.zeros((*shape, 1), np.float32) for _ in range(3)]
+    counts = [np.zeros(shape, np.uint16), np.zeros(shape, np.uint16)]
+    for k in range(10):
+        sub = rng.normal(500.0, 20.0, shape).astype(np.float32)
+        sub[rng.integers(0, 97, 15), rng.integers(0, 131, 15)] += 3000.0
+        covered = rng.random(shape) > 0.1
+        options = dict(weight=0.5 + k / 10, scale=1.02, offset=-3.0, kappa=3.0, floor=400.0)
+        a = welford_update(sub, covered, *mono, sky=500.0, count=counts[0], **options)
+        b = welford_update(sub[:, :, None], covered, *colour, sky=500.0, count=counts[1], **options)
+        assert a == b
+        if k > 2:
+            assert a[0] > 0  # rejection is exercised
+    for m, c in zip(mono, colour, strict=True):
+        np.testing.assert_array_equal(m, c[:, :, 0])
+    np.testing.assert_array_equal(counts[0], counts[1])

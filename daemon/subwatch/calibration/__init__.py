@@ -19,6 +19,7 @@ from subwatch.calibration.apply import (
     find_outlier_pixels,
     flat_correct,
     normalise_flat,
+    subtract_and_flatten,
     subtract_bias,
     subtract_dark,
 )
@@ -66,16 +67,8 @@ def calibrate_light(
         masters.dark = None
         masters.dark_scale = None
 
-    sub = masters.subtrahend()
-    if sub is not None:
-        if sub.ndim == 2 and raw.ndim == 3:
-            sub = sub[:, :, None]
-        img = np.subtract(raw, sub, dtype=np.float32)
-    else:
-        img = raw.astype(np.float32, copy=True)
-    if masters.flat is not None:
-        flat = masters.flat.data
-        np.divide(img, flat[:, :, None] if flat.ndim == 2 and img.ndim == 3 else flat, out=img)
+    flat = masters.flat.data if masters.flat is not None else None
+    img = subtract_and_flatten(raw, masters.subtrahend(), flat)
     if cosmetic:
         cfa = bayer is not None and img.ndim == 2
         found = []
@@ -108,6 +101,7 @@ __all__ = [
     "flat_correct",
     "normalise_flat",
     "read_meta",
+    "subtract_and_flatten",
     "subtract_bias",
     "subtract_dark",
 ]

@@ -107,7 +107,7 @@ class WeightedAccumulator:
             scale=scale,
             offset=offset,
             kappa=self.kappa,
-            floor_mesh=np.full((1, 1), noise * noise, np.float32),
+            floor=noise * noise,
             sky=self.sky,
             count=self.count,
         )

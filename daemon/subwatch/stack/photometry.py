@@ -107,26 +107,46 @@ def reference_photometry(
     return ReferencePhotometry(xy, stamps, float(fwhm))
 
 
+def _median_of_first(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median of the ``counts[i]`` smallest values of each row (the others are +inf).
+
+    Sorts ``rows`` in place; the median is taken as ``np.median`` takes it.
+    """
+    rows.sort(axis=1)
+    index = np.arange(len(rows))
+    low, high = np.maximum(counts - 1, 0) // 2, counts // 2
+    return (rows[index, low] + rows[index, high]) / 2
+
+
 def _aperture_flux(
     stamps: np.ndarray, offsets: np.ndarray, radius: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sky-subtracted flux in a circle of ``radius`` px and its noise, per stamp."""
-    grid = np.arange(-HALF, HALF + 1, dtype=np.float64)
+    outer = min(radius + 7.0, HALF)
+    # Only the stamps' middle holds the aperture and the annulus (centres are within half a
+    # pixel of the middle): a third of the pixels when stars are 3 px wide.
+    reach = min(HALF, int(np.ceil(outer + 1.0)))
+    stamps = stamps[:, HALF - reach : HALF + reach + 1, HALF - reach : HALF + reach + 1]
+    grid = np.arange(-reach, reach + 1, dtype=np.float64)
     dx = grid[None, None, :] - offsets[:, 0, None, None]
     dy = grid[None, :, None] - offsets[:, 1, None, None]
     r2 = dx * dx + dy * dy
     aperture = r2 <= radius * radius
-    annulus = (r2 >= (radius + 2.0) ** 2) & (r2 <= min(radius + 7.0, HALF) ** 2)
-    n_ap = aperture.sum(axis=(1, 2))
-    flux = np.empty(len(stamps))
-    noise = np.empty(len(stamps))
-    for i, stamp in enumerate(stamps):
-        ring = stamp[annulus[i]]
-        sky = float(np.median(ring))
-        sigma = 1.4826 * float(np.median(np.abs(ring - sky)))
-        flux[i] = float(stamp[aperture[i]].sum()) - sky * n_ap[i]
-        # sky noise over the aperture, plus the uncertainty of the sky level itself
-        noise[i] = sigma * np.sqrt(n_ap[i] * (1.0 + n_ap[i] / max(ring.size, 1)))
+    annulus = (r2 >= (radius + 2.0) ** 2) & (r2 <= outer**2)
+    n = len(stamps)
+    values = stamps.reshape(n, -1)
+    aperture, annulus = aperture.reshape(n, -1), annulus.reshape(n, -1)
+    n_ap = aperture.sum(axis=1)
+    n_ring = annulus.sum(axis=1)
+    # Medians of rings of different sizes, all at once, the pixels outside each ring set to
+    # +inf (300 np.median calls took 30-50 ms a sub).
+    ring = np.where(annulus, values, np.inf)
+    sky = _median_of_first(ring, n_ring)
+    deviation = np.abs(ring - sky[:, None])
+    sigma = 1.4826 * _median_of_first(deviation, n_ring)
+    flux = np.where(aperture, values, 0.0).sum(axis=1) - sky * n_ap
+    # sky noise over the aperture, plus the uncertainty of the sky level itself
+    noise = sigma * np.sqrt(n_ap * (1.0 + n_ap / np.maximum(n_ring, 1)))
     return flux, noise
 
 
