@@ -270,15 +270,31 @@ def _channels_last(a: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _sort_prefix(a: np.ndarray, n: int) -> None:
-    """Insertion sort of ``a[:n]`` in place: a warm-up buffer holds a handful of values."""
-    for i in range(1, n):
-        v = a[i]
-        j = i - 1
-        while j >= 0 and a[j] > v:
-            a[j + 1] = a[j]
-            j -= 1
-        a[j + 1] = v
+def _sort_columns(a: np.ndarray) -> None:
+    """Sort each column of a small ``(k, w)`` block in place (odd-even transposition).
+
+    Each compare-exchange runs along a whole row, which vectorises; k passes sort k values.
+    """
+    k, w = a.shape
+    for sweep in range(k):
+        for s in range(sweep % 2, k - 1, 2):
+            lo, hi = a[s], a[s + 1]
+            for j in range(w):
+                p, q = lo[j], hi[j]
+                lo[j] = min(p, q)
+                hi[j] = max(p, q)
+
+
+@numba.njit(cache=True, nogil=True)
+def _middle(sorted_cols: np.ndarray, n: np.ndarray, out: np.ndarray) -> None:
+    """Median of the first ``n[j]`` values of each sorted column (0 where ``n`` is 0)."""
+    half = np.float32(0.5)
+    for j in range(out.shape[0]):
+        m = n[j]
+        if m == 0:
+            out[j] = np.float32(0.0)
+        else:
+            out[j] = half * (sorted_cols[(m - 1) // 2, j] + sorted_cols[m // 2, j])
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -296,50 +312,64 @@ def _flush(
     k, h, w, nc = cube.shape
     counts = np.zeros((h, k), np.int64)
     mad_to_sigma = np.float32(1.4826)
+    inf = np.float32(np.inf)
+    zero = np.float32(0.0)
     for i in numba.prange(h):
-        vals = np.empty(k, np.float32)
-        devs = np.empty(k, np.float32)
-        hit = np.zeros(k, np.bool_)
-        clipped = np.zeros(k, np.bool_)
-        for j in range(w):
-            hit[:] = False
-            for c in range(nc):
-                n = 0
-                for s in range(k):
-                    if covered[s, i, j]:
-                        vals[n] = cube[s, i, j, c]
-                        n += 1
-                clipped[:] = False
-                if judge and n >= 3:
-                    _sort_prefix(vals, n)
-                    med = np.float32(0.5) * (vals[(n - 1) // 2] + vals[n // 2])
-                    m = 0
-                    for s in range(k):
-                        if covered[s, i, j]:
-                            devs[m] = abs(cube[s, i, j, c] - med)
-                            m += 1
-                    _sort_prefix(devs, n)
-                    mad = np.float32(0.5) * (devs[(n - 1) // 2] + devs[n // 2])
-                    spread = max(mad_to_sigma * mad, noise)
-                    for s in range(k):
-                        if covered[s, i, j] and abs(cube[s, i, j, c] - med) > kappa * spread:
-                            clipped[s] = True
-                            hit[s] = True
-                for s in range(k):
-                    if not covered[s, i, j] or clipped[s]:
-                        continue
-                    v = cube[s, i, j, c]
-                    wt = weights[s]
-                    m_old = M[i, j, c]
-                    delta = v - m_old
-                    w_new = W[i, j, c] + wt
-                    m_new = m_old + (wt / w_new) * delta
-                    W[i, j, c] = w_new
-                    M[i, j, c] = m_new
-                    S[i, j, c] += wt * delta * (v - m_new)
+        # One row at a time in small contiguous blocks: sorting them, and the Welford steps,
+        # run along the row and vectorise.
+        vals = np.empty((k, w), np.float32)
+        order = np.empty((k, w), np.float32)
+        inside = np.empty((k, w), np.bool_)
+        hit = np.zeros((k, w), np.bool_)
+        n = np.zeros(w, np.int64)
+        med = np.empty(w, np.float32)
+        spread = np.empty(w, np.float32)
+        wr = np.empty(w, np.float32)
+        mr = np.empty(w, np.float32)
+        sr = np.empty(w, np.float32)
+        for s in range(k):
+            for j in range(w):
+                inside[s, j] = covered[s, i, j]
+                n[j] += inside[s, j]
+        for c in range(nc):
             for s in range(k):
-                if hit[s]:
-                    counts[i, s] += 1
+                for j in range(w):
+                    vals[s, j] = cube[s, i, j, c]
+                    order[s, j] = vals[s, j] if inside[s, j] else inf
+            _sort_columns(order)
+            _middle(order, n, med)
+            for s in range(k):
+                for j in range(w):
+                    dev = abs(vals[s, j] - med[j])
+                    order[s, j] = dev if inside[s, j] else inf
+            _sort_columns(order)
+            _middle(order, n, spread)
+            for j in range(w):
+                spread[j] = kappa * max(mad_to_sigma * spread[j], noise)
+            for j in range(w):
+                wr[j] = W[i, j, c]
+                mr[j] = M[i, j, c]
+                sr[j] = S[i, j, c]
+            for s in range(k):
+                wt = weights[s]
+                for j in range(w):
+                    clipped = judge & (n[j] >= 3) & (abs(vals[s, j] - med[j]) > spread[j])
+                    clipped &= inside[s, j]
+                    hit[s, j] |= clipped
+                    take = inside[s, j] & ~clipped
+                    wr[j], mr[j], sr[j], _ = _step(
+                        vals[s, j], wr[j], mr[j], sr[j], wt if take else zero,
+                        False, zero, zero, zero,
+                    )  # fmt: skip
+            for j in range(w):
+                W[i, j, c] = wr[j]
+                M[i, j, c] = mr[j]
+                S[i, j, c] = sr[j]
+        for s in range(k):
+            total = 0
+            for j in range(w):
+                total += hit[s, j]
+            counts[i, s] = total
     return counts.sum(axis=0)
 
 
