@@ -161,24 +161,37 @@ def effective_kernel(kernel: np.ndarray, target: np.ndarray, iterations: int = 1
 
 def _otf(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Transfer function of ``kernel`` for a periodic image of ``shape``, centred, as OpenCV's
-    packed real spectrum (``cv2.dft`` of a real array: same shape, float32)."""
+    packed real spectrum (``cv2.dft`` of a real array: same shape, float32), divided by the
+    pixel count so that the inverse transforms need no scaling pass of their own."""
     pad = np.zeros(shape, np.float32)
     kh, kw = kernel.shape
     pad[:kh, :kw] = kernel
     pad = np.roll(pad, (-(kh // 2), -(kw // 2)), axis=(0, 1))
-    return cv2.dft(pad)
+    otf = cv2.dft(pad)
+    otf *= np.float32(1.0 / (shape[0] * shape[1]))
+    return otf
 
 
-def _convolve(image: np.ndarray, otf: np.ndarray, adjoint: bool = False) -> np.ndarray:
+def _convolve(
+    image: np.ndarray,
+    otf: np.ndarray,
+    adjoint: bool = False,
+    *,
+    spectrum: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Periodic convolution of ``image`` with the kernel of ``otf`` (its mirror: ``adjoint``).
 
     OpenCV's real DFT on packed spectra: 1.4x quicker than ``scipy.fft``'s rfft2/irfft2 on a
     512x512 float32 tile here (6.7 vs 9.4 ms per convolution), and it releases the GIL so two
-    tiles run on two cores.
+    tiles run on two cores. ``spectrum`` and ``out`` (float32, the image's shape) are reused
+    buffers, so a tile's iterations allocate nothing: one iteration of a 512x512 tile took
+    11.6-14.2 against 13.6-14.6 ms in interleaved runs, bit-identical (the OTF's 1 / N is a
+    power of two for such tiles).
     """
-    spectrum = cv2.dft(image)
+    spectrum = cv2.dft(image, dst=spectrum)
     cv2.mulSpectrums(spectrum, otf, 0, c=spectrum, conjB=adjoint)
-    return cv2.idft(spectrum, flags=cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT)
+    return cv2.idft(spectrum, dst=out, flags=cv2.DFT_REAL_OUTPUT)
 
 
 # --------------------------------------------------------------------------- compiled steps
@@ -348,6 +361,9 @@ class _TileRun:
         mask = self.weight > 0.5
         self.mask = (mask if mask.any() else self.weight > 0).astype(np.float32)
         self.rows = np.zeros((3, tile.shape[1] + 1), np.float32)
+        self.spectrum = np.empty(tile.shape, np.float32)
+        self.model = np.empty(tile.shape, np.float32)
+        self.correction = np.empty(tile.shape, np.float32)
 
     def step(self) -> tuple[float, float]:
         """One accelerated RL-TV iteration; the sums of ``|change|`` and ``|signal|`` over
@@ -356,7 +372,7 @@ class _TileRun:
         if self.stopped is not None:
             return 0.0, 0.0
         s = self.s
-        model = _convolve(self.u, self.otf)
+        model = _convolve(self.u, self.otf, spectrum=self.spectrum, out=self.model)
         # The discrepancy principle: once K'u explains the data down to the noise, further
         # iterations can only fit the noise. (Checked before the step, so a tile whose data
         # is explained from the start is left as it is.)
@@ -364,7 +380,9 @@ class _TileRun:
         if chi2 <= 1.0:
             self.stopped = "noise level"
             return 0.0, 0.0
-        correction = _convolve(model, self.otf, adjoint=True)
+        correction = _convolve(
+            model, self.otf, adjoint=True, spectrum=self.spectrum, out=self.correction
+        )
         change, base = _update(
             self.u,
             self.previous,
