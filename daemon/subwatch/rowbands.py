@@ -48,16 +48,18 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def for_row_bands(fn: Callable[[slice], None], height: int, row_bytes: int) -> None:
+def for_row_bands(
+    fn: Callable[[slice], None], height: int, row_bytes: int, band_bytes: int = BAND_BYTES
+) -> None:
     """Call ``fn(rows)`` for consecutive row slices covering ``0..height``, on all cores.
 
-    ``row_bytes`` is the size of one row of the widest array ``fn`` touches; it sets the band
-    height. An exception raised by ``fn`` stops that worker's remaining bands and is raised
-    here once every worker has stopped.
+    ``row_bytes`` is the size of one row of the widest array ``fn`` touches; with
+    ``band_bytes`` it sets the band height. An exception raised by ``fn`` stops that worker's
+    remaining bands and is raised here once every worker has stopped.
     """
     if height <= 0:
         return
-    rows = max(1, min(height, BAND_BYTES // max(1, row_bytes)))
+    rows = max(1, min(height, band_bytes // max(1, row_bytes)))
     bands = [slice(r0, min(height, r0 + rows)) for r0 in range(0, height, rows)]
     if WORKERS == 1 or len(bands) == 1:
         for band in bands:
