@@ -44,6 +44,7 @@ from subwatch.enhance.png import encode_png
 from subwatch.frames.outputs import atomic_write_bytes
 from subwatch.measure.background import estimate_background
 from subwatch.measure.frame import luminance, measure_frame
+from subwatch.rowbands import for_row_bands
 
 __all__ = [
     "auto_stretch",
@@ -243,13 +244,25 @@ def to_integers(stretched: np.ndarray, bits: int = 8) -> np.ndarray:
     if bits not in (8, 16):
         raise ValueError(f"PNG depth must be 8 or 16 bits, not {bits}")
     top = np.float32(255.0 if bits == 8 else 65535.0)
+    src = np.asarray(stretched, np.float32)
+    out = np.empty(src.shape, np.uint8 if bits == 8 else np.uint16)
+    if src.size == 0:
+        return out
+    src_rows, out_rows = src.reshape(src.shape[0], -1), out.reshape(out.shape[0], -1)
+
     # fmax/fmin return the number where the other operand is NaN: NaN goes to 0, and
-    # infinities clip like any value (np.nan_to_num cost 0.6 s at 26 MP, this 0.05 s).
-    scaled = np.fmax(np.asarray(stretched, np.float32), np.float32(0.0))
-    np.fmin(scaled, np.float32(1.0), out=scaled)
-    scaled *= top
-    scaled += np.float32(0.5)
-    return scaled.astype(np.uint8 if bits == 8 else np.uint16)
+    # infinities clip like any value (np.nan_to_num cost 0.6 s at 26 MP). Band by band, the
+    # temporaries stay in cache: a full-size float copy cost 0.7-0.9 s at 26 MP when this
+    # machine's fresh memory was slow, the bands 0.1 s or less.
+    def band(rows: slice) -> None:
+        scaled = np.fmax(src_rows[rows], np.float32(0.0))
+        np.fmin(scaled, np.float32(1.0), out=scaled)
+        scaled *= top
+        scaled += np.float32(0.5)
+        out_rows[rows] = scaled  # truncation, as astype
+
+    for_row_bands(band, src_rows.shape[0], src_rows[0].nbytes)
+    return out
 
 
 def write_png(path: Path, stretched: np.ndarray, *, bits: int = 8) -> None:
