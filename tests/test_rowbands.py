@@ -58,3 +58,22 @@ def test_a_forked_child_can_use_the_pool() -> None:
     child.join(60)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == 300.0
+
+
+def test_a_band_may_use_bands_itself() -> None:
+    """A pass inside a pass runs its inner bands in the calling worker instead of waiting on
+    a pool whose workers are all busy with the outer bands."""
+    grid = np.zeros((40, 30))
+
+    def inner(row: int) -> None:
+        def cells(cols: slice) -> None:
+            grid[row, cols] += 1
+
+        for_row_bands(cells, 30, 1 << 16)
+
+    def outer(rows: slice) -> None:
+        for row in range(rows.start, rows.stop):
+            inner(row)
+
+    for_row_bands(outer, 40, 1 << 16)
+    assert (grid == 1).all()

@@ -27,6 +27,7 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: Rows per band are chosen so a band of the widest array a pass touches is about this size.
 BAND_BYTES = 1 << 19
 
+_THREAD_PREFIX = "subwatch-bands"
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -35,7 +36,7 @@ def _shared_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="subwatch-bands")
+            _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix=_THREAD_PREFIX)
         return _pool
 
 
@@ -61,7 +62,9 @@ def for_row_bands(
         return
     rows = max(1, min(height, band_bytes // max(1, row_bytes)))
     bands = [slice(r0, min(height, r0 + rows)) for r0 in range(0, height, rows)]
-    if WORKERS == 1 or len(bands) == 1:
+    # Called from inside a band (a pool thread), waiting on the pool could wait for ever.
+    nested = threading.current_thread().name.startswith(_THREAD_PREFIX)
+    if WORKERS == 1 or len(bands) == 1 or nested:
         for band in bands:
             fn(band)
         return
