@@ -357,3 +357,23 @@ def test_streamed_fits_are_the_bytes_astropy_writes(
     hdu.writeto(expected, output_verify="silentfix")
     assert (tmp_path / "a.fits").read_bytes() == expected.getvalue()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_file_cut_short_after_its_check_is_incomplete(tmp_path: Path, monkeypatch) -> None:
+    """The pixels are read after the size check: a file truncated in between is still
+    reported as incomplete (to be retried), never as pixels of zeros."""
+    import subwatch.frames.fitsio as fitsio
+
+    path = tmp_path / "cut.fits"
+    fits.PrimaryHDU(np.ones((300, 200), np.uint16)).writeto(path)
+    checked = fitsio.check_fits_complete
+
+    def check_then_cut(p: Path, max_dimension: int | None = None) -> int:
+        need = checked(p, max_dimension)
+        with open(p, "r+b") as fh:
+            fh.truncate(need // 2)
+        return need
+
+    monkeypatch.setattr(fitsio, "check_fits_complete", check_then_cut)
+    with pytest.raises(IncompleteFrame):
+        read_frame(path)
