@@ -15,8 +15,9 @@ cache is smaller than the session, that adds the disk's read time to ``load``). 
 off unless ``--previews``: they run in their own process and their effect on the per-frame time
 is what ``bench_previews.py`` measures.
 
-The memory copy rate measured before and after is printed too: on a shared virtual machine it
-varies several-fold over minutes, and per-frame times follow it.
+The memory copy rate and the time of one bicubic warp of a frame of the session's size, alone,
+measured before and after, are printed too: on a shared virtual machine they vary several-fold
+over minutes, and per-frame times follow them.
 
 Timings belong in benchmarks/RESULTS.md with the machine and the date, never in tests.
 """
@@ -33,33 +34,59 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from subwatch.config import Config
 from subwatch.frames.outputs import read_jsonl
+from subwatch.register.warp import INTERPOLATIONS
 from subwatch.service.allocator import keep_freed_memory
 from subwatch.service.daemon import run_daemon, wait_for
 from subwatch.simulate import SimOptions, simulate_session
 
 
-def copy_rate() -> float:
-    """GB/s of a 400 MB memory copy (best of three, after a first touch of both arrays)."""
-    # In a child process, so that its arrays do not count in this process's peak RSS.
+def machine_speed(width: int, height: int) -> tuple[float, float]:
+    """GB/s of a 400 MB memory copy, and seconds of one bicubic warp of a frame this size.
+
+    Both best of three, after a first touch, in a child process (so that its arrays do not
+    count in this process's peak RSS). The warp is OpenCV's alone, outside the daemon: read
+    beside the ``warp`` stage it tells the machine's minute from the pipeline's own cost.
+    """
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return float(pool.apply(_copy_rate))
+        return pool.apply(_machine_speed, (width, height))
+
+
+def _best_of_three(fn: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _machine_speed(width: int, height: int) -> tuple[float, float]:
+    return _copy_rate(), _warp_seconds(width, height)
 
 
 def _copy_rate() -> float:
     a = np.ones(100_000_000, np.float32)
     b = np.ones_like(a)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.nbytes / best / 1e9
+    return 2 * a.nbytes / _best_of_three(lambda: np.copyto(b, a)) / 1e9
+
+
+def _warp_seconds(width: int, height: int) -> float:
+    frame = np.random.default_rng(0).normal(1000.0, 10.0, (height, width)).astype(np.float32)
+    out = np.empty_like(frame)
+    angle = np.deg2rad(0.05)  # a dithered sub with a little field rotation
+    matrix = np.array([[np.cos(angle), -np.sin(angle), 3.3], [np.sin(angle), np.cos(angle), -2.7]])
+    flags = INTERPOLATIONS["cubic"]
+    return _best_of_three(
+        lambda: cv2.warpAffine(frame, matrix, (width, height), dst=out, flags=flags)
+    )
 
 
 def _config(watch: Path, out: Path, previews: bool, **watching: float) -> Config:
@@ -142,14 +169,14 @@ def main() -> None:
                 )
             )
         t_sim = time.perf_counter() - t0
-        rate_before = copy_rate()
+        rate_before, warp_before = machine_speed(args.width, args.height)
         t0 = time.perf_counter()
         if args.batch:
             run_daemon(_config(capture, out, args.previews), once=True)
         else:
             run_live(capture, Path(tmp) / "watch", out, args.previews)
         t_run = time.perf_counter() - t0
-        rate_after = copy_rate()
+        rate_after, warp_after = machine_speed(args.width, args.height)
         rows = read_jsonl(out / "frames.jsonl")
 
     lights = [r for r in rows if r["kind"] == "light" and r["status"] in ("stacked", "rejected")]
@@ -163,6 +190,7 @@ def main() -> None:
     mode = "--once over the folder" if args.batch else "frame by frame into a watched folder"
     print(f"simulate: {t_sim:.2f} s; run ({mode}): {t_run:.2f} s (calibration frames included)")
     print(f"memory copy rate: {rate_before:.1f} GB/s before, {rate_after:.1f} GB/s after")
+    print(f"bicubic warp alone: {warp_before:.3f} s before, {warp_after:.3f} s after")
     print(f"first light (builds masters): {lights[0]['seconds']['total']:.3f} s")
     # Subs integrated one by one after the warm-up buffer (the steady state of a night), and
     # the one that completed the buffer (it pays for the whole buffer's clipping), apart.
