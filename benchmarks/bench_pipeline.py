@@ -112,11 +112,6 @@ def run_live(capture: Path, watch: Path, out: Path, previews: bool) -> None:
     """Feed the capture into a watched folder frame by frame (see the module doc)."""
     watch.mkdir(parents=True)
     cfg = _config(watch, out, previews, settle_seconds=0.2, poll_seconds=0.2)
-    # `subwatch run` sets the allocator up in its main thread before any other thread exists;
-    # done first in the daemon's own thread, as here, it comes too late: that thread already
-    # has an arena of its own, whose big blocks go back to the kernel when freed, and every
-    # 26 MP frame then pays for fresh memory (0.1-0.9 s of system time per stage, measured).
-    keep_freed_memory()
     stop = threading.Event()
     daemon = threading.Thread(target=run_daemon, args=(cfg,), kwargs={"stop": stop})
     daemon.start()
@@ -153,6 +148,13 @@ def main() -> None:
     parser.add_argument("--batch", action="store_true", help="run --once over the capture")
     parser.add_argument("--previews", action="store_true", help="render previews meanwhile")
     args = parser.parse_args()
+    # `subwatch run` sets the allocator up in its main thread before any other thread exists,
+    # and so must this, before machine_speed's pool starts (and ends) its threads: glibc hands
+    # the arena of a thread that ended to the next thread started, whatever M_ARENA_MAX says,
+    # and here the daemon runs in a thread of its own. In such an arena every big block goes
+    # back to the kernel when freed: each 26 MP frame then paid for fresh memory, 6x the page
+    # faults, and the warp stage took 0.35-0.60 s instead of 0.20 s (docs/decisions.md).
+    keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
         capture, out = args.capture or Path(tmp) / "capture", Path(tmp) / "out"
