@@ -201,6 +201,30 @@ def test_tiles_meet_without_seams(
     assert (np.abs(other.image - result.image) / signal).max() < 0.01
 
 
+@pytest.mark.parametrize("shape", [(512, 512), (75, 81), (64, 125), (81, 64), (125, 75)])
+def test_real_transfer_function_convolves_as_the_complex_product(shape: tuple[int, int]) -> None:
+    """A point-symmetric kernel's spectrum is multiplied slot by slot by a real factor; the
+    result must be the complex product's for every packed layout (odd and even sides), in
+    both directions."""
+    from subwatch.enhance.psf import moffat_kernel
+
+    kernel = moffat_kernel(25, 2.9, 3.8, ellipticity=0.3, angle=37.0)
+    transfer = dec._otf(kernel, shape)
+    assert transfer.real
+    pad = np.zeros(shape, np.float32)
+    pad[:25, :25] = kernel
+    packed = cv2.dft(np.roll(pad, (-12, -12), axis=(0, 1))) / np.float32(shape[0] * shape[1])
+    image = np.random.default_rng(4).normal(100.0, 10.0, shape).astype(np.float32)
+    for adjoint in (False, True):
+        spectrum = cv2.mulSpectrums(cv2.dft(image), packed, 0, conjB=adjoint)
+        expected = cv2.idft(spectrum, flags=cv2.DFT_REAL_OUTPUT)
+        got = dec._convolve(image, transfer, adjoint)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    lopsided = kernel.copy()
+    lopsided[0, 0] += 0.01
+    assert not dec._otf(lopsided, shape).real
+
+
 def test_background_noise_is_not_amplified(field: Field, result: Deconvolved) -> None:
     free = field.star_free()
     assert free.mean() > 0.2
