@@ -16,6 +16,12 @@ known about how it was made) and, in this order:
    ``denoised.png`` and the linear ``background.fits``, ``deconvolved.fits``,
    ``denoised.fits`` and ``snr.fits``, each atomically.
 
+Steps 2 and 3 overlap: deconvolution keeps both cores busy for most of a cycle, and starts on
+a thread of its own as soon as the gradient-free image exists, while the SNR report and the
+preview (a stretch and a PNG, neither of which keeps two cores busy) are made and written
+beside it. The cycle then takes little more than its CPU time over the cores (see
+docs/decisions.md); step seconds are each step's own, so they add up to more than ``total``.
+
 It returns the numbers for ``status.json``: the gradient, the SNR report and its forecast, the
 PSF, and how long each step took. Nothing here knows about the daemon: the same function
 serves ``subwatch enhance`` on any linear FITS and the preview worker on a live stack. A step
@@ -29,6 +35,7 @@ are filled with the sky level for the science steps, black in the PNGs and NaN i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -185,6 +192,7 @@ class _Steps:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.t0 = time.perf_counter()
+        self._lock = threading.Lock()  # steps of two threads add to the same entries
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -193,7 +201,8 @@ class _Steps:
             yield
         finally:
             spent = time.perf_counter() - start
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + spent, 4)
+            with self._lock:
+                self.seconds[name] = round(self.seconds.get(name, 0.0) + spent, 4)
 
     def total(self) -> float:
         return round(time.perf_counter() - self.t0, 4)
@@ -521,6 +530,22 @@ class _Cycle:
                 self.product_seconds[product] = round(time.perf_counter() - t0, 4)
 
 
+#: The order ``products`` lists what a cycle wrote, the order of the steps.
+WRITTEN_ORDER = (
+    "background.fits",
+    "snr.fits",
+    "preview.png",
+    "deconvolved.png",
+    "deconvolved.fits",
+    "denoised.png",
+    "denoised.fits",
+)
+
+
+def _written_order(name: str) -> int:
+    return WRITTEN_ORDER.index(name) if name in WRITTEN_ORDER else len(WRITTEN_ORDER)
+
+
 def make_previews(
     snapshot: StackSnapshot, out_dir: Path, options: PreviewOptions | None = None
 ) -> PreviewResult:
@@ -531,11 +556,18 @@ def make_previews(
     opts = options or PreviewOptions()
     cycle = _Cycle(snapshot, out_dir, opts)
     cycle.make("background", cycle.gradient)  # failed: the products keep the gradient
+    sharpening = None
+    if opts.wants("deconvolved"):  # beside the SNR report and the preview (module doc)
+        sharpening = threading.Thread(
+            target=cycle.make, args=("deconvolved", cycle.deconvolved), name="deconvolve"
+        )
+        sharpening.start()
     cycle.make("snr", cycle.snr)
     if opts.wants("preview"):
         cycle.make("preview", lambda: cycle.write_png("preview.png", cycle.flat))
-    if opts.wants("deconvolved"):
-        cycle.make("deconvolved", cycle.deconvolved)
+    if sharpening is not None:
+        sharpening.join()
+        cycle.written.sort(key=_written_order)  # the same order whichever thread was first
     if opts.wants("denoised"):  # after deconvolution, on its result (see _Cycle.denoised)
         cycle.make("denoised", cycle.denoised)
     cycle.steps.seconds["total"] = cycle.steps.total()
