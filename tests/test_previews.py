@@ -13,7 +13,12 @@ from astropy.io import fits
 from preview_standins import moffat_stack
 from subwatch.config import Config
 from subwatch.enhance.composite import canonical_filter, choose_palette
-from subwatch.enhance.previews import PreviewOptions, StackSnapshot, make_previews
+from subwatch.enhance.previews import (
+    WRITTEN_ORDER,
+    PreviewOptions,
+    StackSnapshot,
+    make_previews,
+)
 from subwatch.measure import measure_frame
 from subwatch.service.daemon import Daemon
 from subwatch.service.metrics import Metrics
@@ -85,15 +90,7 @@ def test_status_json_has_the_preview_numbers(mono_run) -> None:
     assert status["preview"]["denoise"]["input"] == "deconvolved"
     # Deconvolution runs on a thread beside the SNR report and the preview; the list keeps
     # the steps' order whichever finished first.
-    assert status["preview"]["products"] == [
-        "background.fits",
-        "snr.fits",
-        "preview.png",
-        "deconvolved.png",
-        "deconvolved.fits",
-        "denoised.png",
-        "denoised.fits",
-    ]
+    assert status["preview"]["products"] == list(WRITTEN_ORDER)  # all seven, in that order
     assert status["preview"]["failed"] == {}
 
 
