@@ -67,7 +67,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         stack = args.stack or _stack(folder, args.width, args.height, args.subs, args.seed)
-        width, height = fits.getheader(stack)["NAXIS1"], fits.getheader(stack)["NAXIS2"]
+        header = fits.getheader(stack)
+        width, height = header["NAXIS1"], header["NAXIS2"]
         rate_before, _ = machine_speed(64, 64)
         rows = []
         for _ in range(args.rounds):

@@ -54,8 +54,8 @@ def keep_freed_memory() -> bool:
 
     Call it once, in the main thread, before any other thread has started: ``M_ARENA_MAX``
     only stops new arenas being made, and glibc hands the arena of a thread that has ended to
-    the next thread started. A process that frames in a thread of its own after a pool's
-    threads came and went (as a benchmark did) gets such an arena, where big blocks are
+    the next thread started. A process that handles frames in a thread of its own after a
+    pool's threads came and went (as a benchmark did) gets such an arena, where big blocks are
     mapped and unmapped again: 6x the page faults, and a 26 MP warp took 0.35-0.60 s instead
     of 0.20 s. ``subwatch run`` calls it first and handles frames in its main thread.
     Idempotent.
