@@ -112,7 +112,7 @@ def stretch_parameters(
     return c0, white, min(max(m, 1e-7), 1.0 - 1e-7)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _stf(plane: np.ndarray, c0: np.float32, inv_range: np.float32, m: np.float32) -> np.ndarray:
     out = np.empty(plane.shape, np.float32)
     zero, one = np.float32(0.0), np.float32(1.0)
@@ -130,7 +130,9 @@ def _stf(plane: np.ndarray, c0: np.float32, inv_range: np.float32, m: np.float32
 
 def _apply(plane: np.ndarray, c0: float, white: float, m: float) -> np.ndarray:
     """STF of one plane, float32, as a fresh array: one compiled pass (numpy needed six, 0.5 s
-    at 26 MP on the reference machine)."""
+    at 26 MP on the reference machine). The pass uses numpy's error model: Python's checks the
+    divisor of the transfer function for zero (it never is: ``b x - m`` lies between ``-m``
+    and ``m - 1``), and the check kept the loop scalar (0.31 against 0.20 s at 26 MP)."""
     return _stf(plane, np.float32(c0), np.float32(1.0 / (white - c0)), np.float32(m))
 
 
