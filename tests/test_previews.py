@@ -119,6 +119,38 @@ def test_colour_stack_with_no_data_edges(tmp_path: Path) -> None:
     assert result.status["psf"]["n_stars"] >= 5
 
 
+def _sky_spread(plane: np.ndarray) -> float:
+    """MAD of the darker half of a stretched plane: its sky noise, stars left out."""
+    sky = plane[plane <= np.median(plane)].astype(float)
+    return float(np.median(np.abs(sky - np.median(sky))))
+
+
+def test_png_depth_and_colour_stretch_on_request(tmp_path: Path) -> None:
+    """16-bit PNGs, and an unlinked stretch, when the config asks for them."""
+    stars = moffat_stack((H, W), noise=0.0, seed=5)
+    rng = np.random.default_rng(5)
+    # The same stars in every channel; the blue channel is three times as noisy.
+    image = np.stack(
+        [stars + rng.normal(0, s, (H, W)).astype(np.float32) for s in (4.0, 4.0, 12.0)], axis=2
+    )
+    cfg = Config.model_validate({"previews": {"colour_stretch": "unlinked", "png_bits": 16}})
+    opts = PreviewOptions.from_config(cfg)
+    assert (opts.linked, opts.png_bits) == (False, 16)
+    spreads = {}
+    for name, options in (("linked", PreviewOptions()), ("unlinked", opts)):
+        folder = tmp_path / name
+        make_previews(StackSnapshot(image, "M8", "OSC"), folder, options)
+        png = _png(folder / "preview.png")
+        assert png.dtype == (np.uint16 if name == "unlinked" else np.uint8)
+        assert _png(folder / "deconvolved.png").dtype == png.dtype
+        # cv2 reads colour as BGR: channel 0 is blue, 2 red.
+        spreads[name] = _sky_spread(png[:, :, 0]) / _sky_spread(png[:, :, 2])
+    # Linked, one transform for all channels: blue's sky looks three times as noisy as red's.
+    # Unlinked, each channel's own noise sets its shadows and midtones: far less apart.
+    assert spreads["linked"] > 2.2
+    assert spreads["unlinked"] < 1.5
+
+
 def test_products_follow_the_config(tmp_path: Path) -> None:
     image = moffat_stack((H, W), seed=3)
     opts = PreviewOptions(products=("preview",))

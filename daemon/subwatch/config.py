@@ -393,6 +393,13 @@ class PreviewsConfig(_Section):
     stretch_midtone: float = Field(
         0.2, gt=0, lt=1, description="Target median brightness of the stretched preview, 0..1."
     )
+    colour_stretch: Literal["linked", "unlinked"] = Field(
+        "linked",
+        description="Colour: one stretch for all channels (keeps colour), or one per channel.",
+    )
+    png_bits: Literal[8, 16] = Field(
+        8, description="Sample depth of the PNG previews; 16 keeps faint steps for editing."
+    )
 
     @field_validator("products")
     @classmethod

@@ -140,14 +140,19 @@ def make_composite(
 
 
 def write_composite(
-    path: Path, channels: dict[str, Channel], stretch: Callable[[np.ndarray], np.ndarray]
+    path: Path,
+    channels: dict[str, Channel],
+    stretch: Callable[[np.ndarray], np.ndarray],
+    *,
+    bits: int = 8,
 ) -> str | None:
-    """Write ``composite.png`` when the channels allow a palette; returns the palette name."""
+    """Write ``composite.png`` (``bits`` per sample) when the channels allow a palette;
+    returns the palette name."""
     from subwatch.enhance.stretch import write_png
 
     made = make_composite(channels, stretch)
     if made is None:
         return None
     palette, rgb = made
-    write_png(path, rgb)
+    write_png(path, rgb, bits=bits)
     return palette

@@ -79,6 +79,8 @@ class PreviewOptions:
     gradient_mode: str = "subtract"
     target_snr: float = 50.0
     midtone: float = 0.2
+    linked: bool = True  # colour: one stretch for all channels (after neutralisation)
+    png_bits: int = 8
     deconvolve: bool = True
     max_iterations: int = 30
     regularization: float = 0.002
@@ -102,6 +104,8 @@ class PreviewOptions:
             gradient_mode=p.gradient_mode,
             target_snr=p.target_snr,
             midtone=p.stretch_midtone,
+            linked=p.colour_stretch == "linked",
+            png_bits=p.png_bits,
             deconvolve=d.enabled,
             max_iterations=d.max_iterations,
             regularization=d.regularization,
@@ -366,13 +370,15 @@ def _deconvolve(
 
 def _stretch(image: np.ndarray, bad: np.ndarray | None, opts: PreviewOptions) -> np.ndarray:
     """0..1 for the eye; colour is neutralised (grey sky, white stars) and then stretched
-    linked, which keeps the colour ratios of the data."""
+    linked, which keeps the colour ratios of the data, or unlinked on request (each channel's
+    sky at the midtone: it also hides what the neutralisation left of a cast, and shifts the
+    colours of stars and nebulae)."""
     from subwatch.enhance.stretch import auto_stretch, neutralise_colour
 
     linked = False
     if image.ndim == 3:
         try:
-            image, linked = neutralise_colour(image), True
+            image, linked = neutralise_colour(image), opts.linked
         except Exception as exc:  # each channel stretched on its own still shows the stack
             log.warning("colour not neutralised (%s); channels stretched apart", one_line(exc))
     out = np.asarray(auto_stretch(image, midtone=opts.midtone, linked=linked), np.float32)
@@ -381,10 +387,10 @@ def _stretch(image: np.ndarray, bad: np.ndarray | None, opts: PreviewOptions) ->
     return out
 
 
-def _png(path: Path, stretched: np.ndarray) -> None:
+def _png(path: Path, stretched: np.ndarray, bits: int) -> None:
     from subwatch.enhance.stretch import write_png
 
-    write_png(path, stretched)
+    write_png(path, stretched, bits=bits)
 
 
 # -- denoise hook ---------------------------------------------------------------------------
@@ -464,7 +470,7 @@ class _Cycle:
         with self.steps.step("stretch"):
             stretched = _stretch(linear, self.bad, self.opts)
         with self.steps.step("write"):
-            _png(self.out / name, stretched)
+            _png(self.out / name, stretched, self.opts.png_bits)
         self.written.append(name)
 
     def gradient(self) -> None:
@@ -630,6 +636,7 @@ class PreviewRenderer:
             target_dir / "composite.png",
             channels,
             lambda image: auto_stretch(image, midtone=opts.midtone),
+            bits=opts.png_bits,
         )
         if palette is None:
             return
