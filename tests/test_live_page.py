@@ -90,6 +90,8 @@ def night_row(i: int) -> dict[str, Any]:
         "background": 1000.0 + 4 * i + (300 if rejected else 0),
         "noise": 10.0,
         "snr": 40.0 + (i % 3) - (20 if rejected else 0),
+        "gradient": round(1.5 + 0.05 * i + (2.0 if rejected else 0.0), 3),
+        "gradient_angle": (350.0 + 3 * i) % 360,  # wraps through 0 during the night
         "seconds": {"load": 0.01, "total": 0.3},
         "processed": f"2026-01-01T22:{i:02d}:00Z",
     }
@@ -372,17 +374,26 @@ def test_live_page_on_a_phone(server: WebServer, browser: int, night: Path) -> N
     got = asyncio.run(session(server, browser, night))
     shot = got["screenshot"]
 
-    # The DOM: four charts, one point per light sub (the bias row is not a point), the
-    # rejected ones marked and titled with their reason; the line joins the accepted subs.
+    # The DOM: six charts, one point per light sub (the bias row is not a point), the
+    # rejected ones marked and titled with their reason; the line joins the accepted subs,
+    # except for the gradient's direction (an angle wraps: points alone).
     charts = Charts()
     charts.feed(got["html"])
-    assert set(charts.charts) == {"fwhm", "stars", "background", "snr"}
+    assert set(charts.charts) == {
+        "fwhm",
+        "stars",
+        "background",
+        "snr",
+        "gradient",
+        "gradient_angle",
+    }
     for metric, chart in charts.charts.items():
         circles = chart["circles"]
         assert len(circles) == N_ROWS, metric
         rejected = [c for c in circles if "rejected" in c["class"]]
         assert len(rejected) == len(REJECTED), metric
-        assert chart["line"] == N_ROWS - len(REJECTED), metric
+        joined = 0 if metric == "gradient_angle" else N_ROWS - len(REJECTED)
+        assert chart["line"] == joined, metric
         for c, (index, reason) in zip(rejected, sorted(REJECTED.items()), strict=True):
             assert f"#{index + 1} " in c["title"] and f"rejected: {reason}" in c["title"]
         assert all("stacked" in c["title"] for c in circles if "ok" in c["class"])

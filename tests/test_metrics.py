@@ -34,6 +34,8 @@ def row(**kw: Any) -> dict[str, Any]:
         "background": 1020.5,
         "noise": 11.2,
         "snr": 48.5,
+        "gradient": 3.2,
+        "gradient_angle": 271.5,
         "seconds": {"load": 0.012, "calibrate": 0.03, "measure": 0.09, "total": 0.4},
         "processed": "2026-01-01T22:00:00Z",
     }
@@ -138,6 +140,8 @@ def test_last_frame_gauges_follow_the_last_measured_light(night: Metrics) -> Non
     assert value(found, "subwatch_last_frame_noise_adu", **lab) == pytest.approx(11.2)
     assert value(found, "subwatch_last_frame_snr", **lab) == pytest.approx(48.5)
     assert value(found, "subwatch_last_frame_eccentricity", **lab) == pytest.approx(0.31)
+    assert value(found, "subwatch_last_frame_gradient_percent", **lab) == pytest.approx(3.2)
+    assert value(found, "subwatch_last_frame_gradient_angle_degrees", **lab) == 271.5
     # Calibration and error rows leave them alone; only M31/L series exist.
     assert {tuple(sorted(labels.items())) for labels, _ in found["subwatch_last_frame_stars"]} == {
         (("filter", "L"), ("target", "M31"))
@@ -302,6 +306,8 @@ def test_dashboard_only_uses_exported_metrics(night: Metrics) -> None:
         "subwatch_last_frame_fwhm_pixels",
         "subwatch_last_frame_stars",
         "subwatch_last_frame_background_adu",
+        "subwatch_last_frame_gradient_percent",
+        "subwatch_last_frame_gradient_angle_degrees",
         "subwatch_stack_snr",
         "subwatch_stack_frames",
         "subwatch_frames_total",

@@ -126,6 +126,16 @@ _LAST_FRAME = (
         "subwatch_last_frame_eccentricity",
         "Median star eccentricity of the last sub, 0 = round.",
     ),
+    (
+        "gradient",
+        "subwatch_last_frame_gradient_percent",
+        "Sky gradient across the last sub, percent of its sky level.",
+    ),
+    (
+        "gradient_angle",
+        "subwatch_last_frame_gradient_angle_degrees",
+        "Direction in which the last sub's sky brightens, degrees from +x towards +y.",
+    ),
 )
 
 

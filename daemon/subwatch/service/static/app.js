@@ -16,6 +16,10 @@
     { key: "stars", label: "Stars", unit: "", digits: 0 },
     { key: "background", label: "Background", unit: "ADU", digits: 0 },
     { key: "snr", label: "SNR", unit: "", digits: 1 },
+    // The sky gradient across each sub: light domes, the Moon, dawn, dew.
+    { key: "gradient", label: "Gradient", unit: "%", digits: 2 },
+    // Where the sky brightens; an angle wraps at 360, so points without a joining line.
+    { key: "gradient_angle", label: "Gradient direction", unit: "°", digits: 0, dots: true, range: [0, 360] },
   ];
   const SHOWN = new Set([
     "target", "filter", "frames_stacked", "frames_rejected", "integration_seconds",
@@ -360,12 +364,17 @@
       svg.append(t);
       return;
     }
-    let lo = Math.min(...pts.map((p) => p.v));
-    let hi = Math.max(...pts.map((p) => p.v));
-    if (hi - lo < 1e-9) { lo -= Math.abs(lo) * 0.05 + 1; hi += Math.abs(hi) * 0.05 + 1; }
-    const span = hi - lo;
-    lo -= span * 0.08;
-    hi += span * 0.08;
+    let lo, hi;
+    if (metric.range) {
+      [lo, hi] = metric.range;
+    } else {
+      lo = Math.min(...pts.map((p) => p.v));
+      hi = Math.max(...pts.map((p) => p.v));
+      if (hi - lo < 1e-9) { lo -= Math.abs(lo) * 0.05 + 1; hi += Math.abs(hi) * 0.05 + 1; }
+      const span = hi - lo;
+      lo -= span * 0.08;
+      hi += span * 0.08;
+    }
     const pw = w - pad.l - pad.r;
     const ph = h - pad.t - pad.b;
     const n = frames.length;
@@ -378,7 +387,7 @@
       svg.append(label);
     }
     const good = pts.filter((p) => p.row.status === "stacked");
-    if (good.length > 1) {
+    if (good.length > 1 && !metric.dots) {
       const line = svgEl("polyline", {
         class: "line",
         points: good.map((p) => `${x(p.i).toFixed(1)},${y(p.v).toFixed(1)}`).join(" "),
