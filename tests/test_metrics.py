@@ -96,6 +96,15 @@ def night() -> Metrics:
             "updated": "2026-01-01T22:05:00Z",
         }
     )
+    # A stack after its first preview: the SNR report's noise and forecast.
+    m.observe_stack(
+        {
+            "target": "M31",
+            "filter": "Ha",
+            "frames_stacked": 5,
+            "snr_report": {"noise": 3.0, "noise_expected": 2.9, "forecast_seconds": 600.0},
+        }
+    )
     m.set_queue_depth(4)
     m.observe_preview(0.8)
     m.observe_preview(12.0, "denoised")
@@ -176,6 +185,28 @@ def test_stack_series(night: Metrics) -> None:
     found = samples(night)
     assert value(found, "subwatch_stack_snr", **lab) == 91.0
     assert value(found, "subwatch_stack_frames", **lab) == 4
+    # No preview of M31/L yet: no noise or forecast series for it (M31/Ha has them).
+    assert not [lab for lab, _ in found["subwatch_stack_noise_adu"] if lab["filter"] == "L"]
+    assert value(found, "subwatch_stack_forecast_seconds", target="M31", filter="Ha") == 600
+
+
+def test_stack_noise_and_forecast_from_the_preview_report() -> None:
+    m = Metrics()
+    lab = {"target": "M31", "filter": "L"}
+    report = {"noise": 2.1, "noise_expected": 2.0, "forecast_seconds": 5400.0}
+    m.observe_stack({**lab, "snr_report": {**report, "forecast_method": "fit"}})
+    found = samples(m)
+    assert value(found, "subwatch_stack_noise_adu", **lab) == pytest.approx(2.1)
+    assert value(found, "subwatch_stack_noise_expected_adu", **lab) == pytest.approx(2.0)
+    assert value(found, "subwatch_stack_forecast_seconds", **lab) == 5400.0
+    # The target reached: 0 seconds to go (status.json has no forecast_seconds then).
+    m.observe_stack({**lab, "snr_report": {"noise": 1.9, "forecast_method": "reached"}})
+    found = samples(m)
+    assert value(found, "subwatch_stack_forecast_seconds", **lab) == 0.0
+    assert math.isnan(value(found, "subwatch_stack_noise_expected_adu", **lab))  # not stale
+    # Too early to tell: NaN, not the last forecast.
+    m.observe_stack({**lab, "snr_report": {"forecast_seconds": None, "forecast_method": None}})
+    assert math.isnan(value(samples(m), "subwatch_stack_forecast_seconds", **lab))
 
 
 def test_queue_preview_build_and_frame_histograms(night: Metrics) -> None:

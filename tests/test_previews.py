@@ -102,6 +102,9 @@ def test_metrics_follow_the_preview(mono_run) -> None:
     assert 'subwatch_preview_seconds_count{product="deconvolved"} 2.0' in text
     line = next(x for x in text.splitlines() if x.startswith("subwatch_stack_snr{"))
     assert float(line.split()[-1]) == pytest.approx(status["snr"], rel=1e-3)
+    line = next(x for x in text.splitlines() if x.startswith("subwatch_stack_noise_adu{"))
+    assert float(line.split()[-1]) == pytest.approx(status["snr_report"]["noise"], rel=1e-3)
+    assert any(x.startswith("subwatch_stack_forecast_seconds{") for x in text.splitlines())
 
 
 def test_colour_stack_with_no_data_edges(tmp_path: Path) -> None:

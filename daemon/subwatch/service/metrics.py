@@ -252,6 +252,26 @@ class Metrics:
             ["target", "filter"],
             registry=reg,
         )
+        self.stack_noise = Gauge(
+            "subwatch_stack_noise_adu",
+            "Sky noise measured on the stack at its last preview, ADU per pixel.",
+            ["target", "filter"],
+            registry=reg,
+        )
+        self.stack_noise_expected = Gauge(
+            "subwatch_stack_noise_expected_adu",
+            "Sky noise the stack's subs promise (their noises combined by their weights: the"
+            " 1/sqrt(N) expectation), ADU per pixel; above it, the stack integrates badly.",
+            ["target", "filter"],
+            registry=reg,
+        )
+        self.stack_forecast = Gauge(
+            "subwatch_stack_forecast_seconds",
+            "Integration still needed to reach previews.target_snr, seconds: 0 once reached,"
+            " NaN while the growth cannot tell yet.",
+            ["target", "filter"],
+            registry=reg,
+        )
         self.stack_fwhm = Gauge(
             "subwatch_stack_fwhm_pixels",
             "Median FWHM of the subs in the stack, pixels.",
@@ -349,6 +369,21 @@ class Metrics:
         updated = _timestamp(status.get("updated"))
         if updated is not None:
             self.stack_updated.labels(*labels).set(updated)
+        report = status.get("snr_report")
+        if isinstance(report, Mapping):  # after the stack's first preview
+            self._observe_snr_report(labels, report)
+
+    def _observe_snr_report(self, labels: tuple[str, str], report: Mapping[str, Any]) -> None:
+        for key, gauge in (
+            ("noise", self.stack_noise),
+            ("noise_expected", self.stack_noise_expected),
+        ):
+            value = _finite(report.get(key))
+            gauge.labels(*labels).set(math.nan if value is None else value)
+        remaining = 0.0 if report.get("forecast_method") == "reached" else None
+        if remaining is None:
+            remaining = _finite(report.get("forecast_seconds"))
+        self.stack_forecast.labels(*labels).set(math.nan if remaining is None else remaining)
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(max(0, int(n)))
