@@ -225,6 +225,93 @@ def test_real_transfer_function_convolves_as_the_complex_product(shape: tuple[in
     assert not dec._otf(lopsided, shape).real
 
 
+@pytest.mark.parametrize("shape", [(512, 512), (75, 81), (64, 125)])
+def test_two_tiles_convolved_in_one_complex_transform(shape: tuple[int, int]) -> None:
+    """``a + ib`` through one complex transform gives both real convolutions, either way."""
+    from subwatch.enhance.psf import moffat_kernel
+
+    kernel = moffat_kernel(25, 2.9, 3.8, ellipticity=0.3, angle=37.0)
+    transfer = dec._otf(kernel, shape, paired=True)
+    assert transfer.full is not None and transfer.full.shape == (*shape, 2)
+    rng = np.random.default_rng(5)
+    a, b = (rng.normal(100.0, 10.0, shape).astype(np.float32) for _ in range(2))
+    buffers = (np.empty((*shape, 2), np.float32), np.empty((*shape, 2), np.float32))
+    out_a, out_b = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    dec._convolve_pair(a, b, transfer, buffers, out_a, out_b)
+    for got, image in ((out_a, a), (out_b, b)):
+        expected = dec._convolve(image, transfer)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    dec._convolve_pair(a, b, transfer, buffers, a, b)  # in place, as the iterations do
+    np.testing.assert_array_equal(a, out_a)
+    np.testing.assert_array_equal(b, out_b)
+
+
+def test_paired_tiles_deconvolve_as_single_ones(
+    field: Field, psf: PSFModel, result: Deconvolved, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiles stepped two by two (one PSF for the image) end where tiles stepped one by one
+    do, including tiles that stop on their own (noise level) while their partner goes on."""
+    assert any(isinstance(s, dec._TilePair) for s in _steppers_used(field, psf, monkeypatch))
+    monkeypatch.setattr(dec, "_steppers", lambda runs: list(runs))
+    single = deconvolve(field.image, psf)
+    assert single.iterations == result.iterations and single.tiles == result.tiles
+    # Rounding differs (complex against real transforms) and the iterations carry it: scaling
+    # the input by 1 + 1e-7 moves the result by up to 5e-4 of (signal + noise) as well.
+    signal = np.abs(result.image - SKY) + SIGMA
+    assert (np.abs(single.image - result.image) / signal).max() < 2e-3
+
+
+def test_a_paired_tile_that_stops_leaves_its_partner_going() -> None:
+    """One tile explained to the noise at once (a faint star), one with bright stars: paired,
+    each ends exactly as it does alone."""
+    rng = np.random.default_rng(8)
+    n, sigma = 128, 5.0
+    kernel = dec.gaussian_kernel(25, 3.0)
+    yy, xx = np.mgrid[0:n, 0:n]
+
+    def tile(stars: list[tuple[float, float, float]]) -> np.ndarray:
+        image = 30.0 * sigma + rng.normal(0.0, sigma, (n, n))
+        for x, y, peak in stars:
+            image += peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.8**2))
+        return image.astype(np.float32)
+
+    bright = tile([(40.0, 50.0, 4000.0), (90.0, 70.0, 1500.0), (64.0, 100.0, 800.0)])
+    faint = tile([(64.0, 64.0, 9.0 * sigma)])
+    setup = dec._Setup(sigma, 30.0 * sigma, 3.0, 0.002, 10, 0.0, 24)
+    otf = dec._otf(kernel, (n, n), paired=True)
+
+    def runs() -> tuple[dec._TileRun, dec._TileRun]:
+        return dec._TileRun(bright.copy(), otf, setup), dec._TileRun(faint.copy(), otf, setup)
+
+    pair = dec._steppers(list(runs()))
+    assert len(pair) == 1 and isinstance(pair[0], dec._TilePair)
+    alone = runs()
+    for _ in range(6):
+        pair[0].step()
+        for run in alone:
+            run.step()
+    for together, single in zip(pair[0].members, alone, strict=True):
+        assert (together.stopped, together.done) == (single.stopped, single.done)
+        np.testing.assert_allclose(together.previous, single.previous, rtol=1e-4, atol=1e-3)
+    assert alone[1].stopped == "noise level" and alone[0].stopped is None
+    assert alone[0].done == 6
+
+
+def _steppers_used(field: Field, psf: PSFModel, monkeypatch: pytest.MonkeyPatch) -> list:
+    made: list = []
+    original = dec._steppers
+
+    def spy(runs: list) -> list:
+        out = original(runs)
+        made.extend(out)
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dec, "_steppers", spy)
+        deconvolve(field.image[:700, :900], psf, max_iterations=2)
+    return made
+
+
 def test_background_noise_is_not_amplified(field: Field, result: Deconvolved) -> None:
     free = field.star_free()
     assert free.mean() > 0.2

@@ -56,9 +56,12 @@ close to the schedule, but computed per tile they sent neighbouring tiles down d
 paths (star cores on a tile boundary differed by up to half their brightness), while a fixed
 schedule keeps every tile on the same path. Convolutions are real FFTs (OpenCV's ``dft``,
 float32) with the kernel's transfer function computed once; a point-symmetric kernel's is
-real, and a spectrum is then multiplied by it with one element-wise product. The image is
+real, and a spectrum is then multiplied by it with one element-wise product. A real transfer
+function also lets two tiles share their transforms: ``a + ib`` through one complex DFT,
+product and inverse gives both convolutions, so with one PSF for the image the tiles are
+stepped two by two (a 26 MP deconvolution 7.3-8.3 s against 8.5-12.3 s). The image is
 cut into 512x512 tiles that overlap by ``MARGIN`` px; each is deconvolved on its own (its
-arrays stay in the cache, two threads take two tiles) and only its core is kept: two
+arrays stay in the cache, two threads take two tiles or pairs) and only its core is kept: two
 different tilings agree to 0.2 % of the signal. The per-pixel work of an iteration
 (extrapolation, ratio and residual, TV term, update, floor, statistics) is two compiled
 passes, compiled with numpy's error model: under the default (Python's) every division first
@@ -181,16 +184,21 @@ class _Transfer:
 
     packed: np.ndarray
     real: bool
+    #: With ``real`` and on request: the same factors for a complex spectrum (``cv2.dft``
+    #: with ``DFT_COMPLEX_OUTPUT``, (H, W, 2)), each in both slots (``_convolve_pair``).
+    full: np.ndarray | None = None
 
 
-def _otf(kernel: np.ndarray, shape: tuple[int, int]) -> _Transfer:
-    """Transfer function of ``kernel``, centred, for a periodic image of ``shape``."""
+def _otf(kernel: np.ndarray, shape: tuple[int, int], *, paired: bool = False) -> _Transfer:
+    """Transfer function of ``kernel``, centred, for a periodic image of ``shape``; ``paired``
+    also gives the complex layout that ``_convolve_pair`` needs (real ones only)."""
     pad = np.zeros(shape, np.float32)
     kh, kw = kernel.shape
     pad[:kh, :kw] = kernel
     pad = np.roll(pad, (-(kh // 2), -(kw // 2)), axis=(0, 1))
+    scale = np.float32(1.0 / (shape[0] * shape[1]))
     otf = cv2.dft(pad)
-    otf *= np.float32(1.0 / (shape[0] * shape[1]))
+    otf *= scale
     k = np.asarray(kernel, np.float64)
     symmetric = (
         kh % 2 == 1
@@ -199,7 +207,11 @@ def _otf(kernel: np.ndarray, shape: tuple[int, int]) -> _Transfer:
     )
     if not symmetric:
         return _Transfer(otf, real=False)
-    return _Transfer(_real_slots(otf), real=True)
+    full = None
+    if paired:
+        re = cv2.dft(pad, flags=cv2.DFT_COMPLEX_OUTPUT)[:, :, 0] * scale
+        full = np.ascontiguousarray(np.stack([re, re], axis=2), dtype=np.float32)
+    return _Transfer(_real_slots(otf), real=True, full=full)
 
 
 def _real_slots(packed: np.ndarray) -> np.ndarray:
@@ -244,6 +256,30 @@ def _convolve(
     else:
         cv2.mulSpectrums(spectrum, otf.packed, 0, c=spectrum, conjB=adjoint)
     return cv2.idft(spectrum, dst=out, flags=cv2.DFT_REAL_OUTPUT)
+
+
+def _convolve_pair(
+    a: np.ndarray,
+    b: np.ndarray,
+    otf: _Transfer,
+    buffers: tuple[np.ndarray, np.ndarray],
+    out_a: np.ndarray,
+    out_b: np.ndarray,
+) -> None:
+    """Two periodic convolutions with one real transfer function, as one complex transform.
+
+    ``a + ib`` transformed, multiplied by a real transfer function and transformed back is
+    ``K*a + i K*b``, exactly: one complex forward and one complex inverse DFT instead of two
+    real ones of each, 12-25 % less time per pair of tiles here. ``buffers`` are two
+    (H, W, 2) float32 arrays; ``out_a`` and ``out_b`` may be ``a`` and ``b``.
+    """
+    assert otf.full is not None
+    packed, spectrum = buffers
+    cv2.merge([a, b], dst=packed)
+    cv2.dft(packed, dst=spectrum, flags=cv2.DFT_COMPLEX_OUTPUT)
+    np.multiply(spectrum, otf.full, out=spectrum)
+    cv2.idft(spectrum, dst=packed, flags=cv2.DFT_COMPLEX_OUTPUT)
+    cv2.split(packed, [out_a, out_b])
 
 
 # --------------------------------------------------------------------------- compiled steps
@@ -422,20 +458,33 @@ class _TileRun:
         point, ``previous`` the estimate."""
         if self.stopped is not None:
             return 0.0, 0.0
+        _convolve(self.u, self.otf, spectrum=self.spectrum, out=self.model)
+        if not self.ratio():
+            return 0.0, 0.0
+        _convolve(self.model, self.otf, adjoint=True, spectrum=self.spectrum, out=self.model)
+        return self.update()
+
+    def ratio(self) -> bool:
+        """``model`` (``K'u``) becomes ``d / K'u``; False if the tile stops here instead.
+
+        The discrepancy principle: once K'u explains the data down to the noise, further
+        iterations can only fit the noise. (Checked before the step, so a tile whose data is
+        explained from the start is left as it is.)
+        """
         s = self.s
-        model = _convolve(self.u, self.otf, spectrum=self.spectrum, out=self.model)
-        # The discrepancy principle: once K'u explains the data down to the noise, further
-        # iterations can only fit the noise. (Checked before the step, so a tile whose data
-        # is explained from the start is left as it is.)
-        chi2 = _ratio(self.d, model, self.mask, self.tiny, np.float32(1.0 / s.sigma**2))
+        chi2 = _ratio(self.d, self.model, self.mask, self.tiny, np.float32(1.0 / s.sigma**2))
         if chi2 <= 1.0:
             self.stopped = "noise level"
-            return 0.0, 0.0
-        correction = _convolve(model, self.otf, adjoint=True, spectrum=self.spectrum, out=model)
+            return False
+        return True
+
+    def update(self) -> tuple[float, float]:
+        """The step from ``model`` holding the correction ``K'^T (d / K'u)``."""
+        s = self.s
         change, base = _update(
             self.u,
             self.previous,
-            correction,
+            self.model,
             self.floor,
             np.float32(s.lam),
             np.float32(s.sigma**2),
@@ -446,6 +495,10 @@ class _TileRun:
         self.done += 1
         return change, base
 
+    @property
+    def members(self) -> tuple[_TileRun, ...]:
+        return (self,)
+
     def change(self) -> np.ndarray | None:
         """What to add to the tile: deconvolved minus original, weighted by the signal mask."""
         if self.done == 0:
@@ -453,6 +506,56 @@ class _TileRun:
         self.previous -= self.d
         self.previous *= self.weight
         return self.previous
+
+
+class _TilePair:
+    """Two tiles with one real transfer function, stepped together: their convolutions share
+    complex transforms (``_convolve_pair``). Either tile may stop first; the other goes on
+    alone."""
+
+    def __init__(self, a: _TileRun, b: _TileRun) -> None:
+        self.a, self.b = a, b
+        self.buffers: tuple[np.ndarray, np.ndarray] | None = None
+
+    def step(self) -> tuple[float, float]:
+        a, b = self.a, self.b
+        if a.stopped is not None or b.stopped is not None:
+            ca, ba = a.step()
+            cb, bb = b.step()
+            return ca + cb, ba + bb
+        if self.buffers is None:
+            shape = (*a.model.shape, 2)
+            self.buffers = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+        _convolve_pair(a.u, b.u, a.otf, self.buffers, a.model, b.model)
+        alive = [run for run in (a, b) if run.ratio()]
+        if len(alive) == 2:
+            _convolve_pair(a.model, b.model, a.otf, self.buffers, a.model, b.model)
+        for run in alive if len(alive) == 1 else ():
+            _convolve(run.model, run.otf, adjoint=True, spectrum=run.spectrum, out=run.model)
+        sums = [run.update() for run in alive]
+        return sum(c for c, _ in sums), sum(s for _, s in sums)
+
+    @property
+    def members(self) -> tuple[_TileRun, ...]:
+        return (self.a, self.b)
+
+
+def _steppers(runs: list[_TileRun]) -> list[_TileRun | _TilePair]:
+    """Runs two by two where they share a real transfer function (one PSF for the image),
+    else one by one (a field-varying PSF gives every tile its own)."""
+    out: list[_TileRun | _TilePair] = []
+    waiting: _TileRun | None = None
+    for run in runs:
+        if waiting is not None and run.otf is waiting.otf and run.otf.full is not None:
+            out.append(_TilePair(waiting, run))
+            waiting = None
+        else:
+            if waiting is not None:
+                out.append(waiting)
+            waiting = run
+    if waiting is not None:
+        out.append(waiting)
+    return out
 
 
 def _tiles(length: int, core: int) -> list[tuple[int, int, int]]:
@@ -536,7 +639,7 @@ class _Kernels:
         if self.grid is None:
             cached = self._otf_cache.get(tile_shape)
             if cached is None:
-                cached = self._otf_cache[tile_shape] = _otf(self.single, tile_shape)
+                cached = self._otf_cache[tile_shape] = _otf(self.single, tile_shape, paired=True)
             return cached
         return _otf(self._psf.kernel_at(cx, cy, self.shape), tile_shape)
 
@@ -588,9 +691,10 @@ def _plane(
     order = sorted(range(len(jobs)), key=lambda i: -_signal_score(plane, sky, jobs[i], setup))
     pilot = order[:PILOT]
     runs = dict(zip(pilot, pool.map(start, [jobs[i] for i in pilot]), strict=True))
+    steppers = _steppers(list(runs.values()))
     reason, iterations = "max_iterations", setup.max_iterations
     for k in range(1, setup.max_iterations + 1):
-        sums = list(pool.map(_TileRun.step, runs.values()))
+        sums = list(pool.map(lambda stepper: stepper.step(), steppers))
         change, base = sum(c for c, _ in sums), sum(b for _, b in sums)
         if all(r.stopped is not None for r in runs.values()):
             reason, iterations = next(iter(runs.values())).stopped or reason, k - 1
@@ -602,13 +706,17 @@ def _plane(
             break
     whys = [finish(jobs[i], run) for i, run in runs.items()]
 
-    def rest(i: int) -> str:
-        run = start(jobs[i])
-        while run.stopped is None and run.done < iterations:
-            run.step()
-        return finish(jobs[i], run)
+    def rest(group: list[int]) -> list[str]:
+        runs = [start(jobs[i]) for i in group]
+        for stepper in _steppers(runs):
+            # Paired tiles step together: while both run, both have done as many iterations.
+            while any(r.stopped is None and r.done < iterations for r in stepper.members):
+                stepper.step()
+        return [finish(jobs[i], run) for i, run in zip(group, runs, strict=True)]
 
-    whys += list(pool.map(rest, order[PILOT:]))
+    later = order[PILOT:]
+    for group in pool.map(rest, [later[i : i + 2] for i in range(0, len(later), 2)]):
+        whys += group
     counts: dict[str, int] = {}
     for why in whys:
         counts[why] = counts.get(why, 0) + 1
