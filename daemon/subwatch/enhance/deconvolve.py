@@ -530,7 +530,8 @@ class _TilePair:
         alive = [run for run in (a, b) if run.ratio()]
         if len(alive) == 2:
             _convolve_pair(a.model, b.model, a.otf, self.buffers, a.model, b.model)
-        for run in alive if len(alive) == 1 else ():
+        elif alive:  # the other stopped at the noise level: this one's correction alone
+            run = alive[0]
             _convolve(run.model, run.otf, adjoint=True, spectrum=run.spectrum, out=run.model)
         sums = [run.update() for run in alive]
         return sum(c for c, _ in sums), sum(s for _, s in sums)
