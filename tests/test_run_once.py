@@ -204,3 +204,41 @@ def test_nan_pixels_are_masked_out_of_the_stack(tmp_path: Path) -> None:
     count = session.accumulator.coverage()
     assert count[round(y), round(x)] == 3  # the NaN sub did not count there
     assert np.isfinite(session.accumulator.mean()).all()
+
+
+def test_wide_stars_are_detected_once_the_stack_knows_their_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 5 px seeing the first sub finds its stars wider than the default filter and is
+    detected twice; later subs are filtered at the stack's recent FWHM, once each."""
+    import subwatch.measure.frame as frame
+    from subwatch.service.pipeline import Pipeline
+
+    capture = tmp_path / "capture"
+    truth = simulate_session(
+        SimOptions(
+            out=capture,
+            lights=4,
+            width=480,
+            height=360,
+            seed=6,
+            seeing=(5.0, 5.4),
+            calibration=False,
+        )
+    )
+    guesses: list[list[float]] = []
+    detect = frame.detect_stars
+
+    def spy(*args: object, **kwargs: object) -> object:
+        guesses[-1].append(float(kwargs["fwhm_guess"]))  # type: ignore[arg-type]
+        return detect(*args, **kwargs)
+
+    monkeypatch.setattr(frame, "detect_stars", spy)
+    cfg = Config.model_validate({"output": {"path": str(tmp_path / "out")}})
+    pipeline = Pipeline(cfg, capture, tmp_path / "out")
+    for light in truth["lights"]:
+        guesses.append([])
+        assert pipeline.process(capture / light["file"])["status"] == "stacked"
+    assert len(guesses[0]) == 2 and guesses[0][0] == frame.FWHM_GUESS
+    for later in guesses[1:]:
+        assert len(later) == 1 and later[0] > 4.5, guesses

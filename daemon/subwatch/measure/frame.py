@@ -35,6 +35,8 @@ from subwatch.measure.background import (
 from subwatch.measure.stars import MAX_STARS, Detections, StarList, detect_stars
 
 SNR_STARS = 25
+#: The matched filter's FWHM (px) when nothing better is known.
+FWHM_GUESS = 3.0
 #: Measured FWHM / guess above which the frame is detected again at the measured scale.
 RETRY_WIDER = 1.3
 
@@ -70,7 +72,7 @@ def measure_frame(
     image: np.ndarray,
     *,
     saturation: float | None = None,
-    fwhm_guess: float = 3.0,
+    fwhm_guess: float = FWHM_GUESS,
     threshold: float = 5.0,
     max_stars: int = MAX_STARS,
 ) -> FrameMeasurement:
