@@ -261,6 +261,18 @@ def test_paired_tiles_deconvolve_as_single_ones(
     assert (np.abs(single.image - result.image) / signal).max() < 2e-3
 
 
+def test_tiles_started_on_threads_share_one_transfer_function(psf: PSFModel) -> None:
+    """Tiles start two at a time; with one PSF each must get the same transfer function, or
+    none of them pair up (a race that a loaded machine hit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kernels = dec._Kernels(psf, (2000, 3000))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: kernels.otf(100.0 * i, 50.0, (512, 512)), range(32)))
+    assert len({id(t) for t in got}) == 1
+    assert got[0].real and got[0].full is not None
+
+
 def test_a_paired_tile_that_stops_leaves_its_partner_going() -> None:
     """One tile explained to the noise at once (a faint star), one with bright stars: paired,
     each ends exactly as it does alone."""

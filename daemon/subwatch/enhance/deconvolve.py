@@ -75,6 +75,7 @@ smoothly across the field.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -635,12 +636,17 @@ class _Kernels:
             kernel=self.single, fwhm=psf.fwhm, beta=psf.beta, n_stars=psf.n_stars, grid=self.grid
         )
         self._otf_cache: dict[tuple[int, int], _Transfer] = {}
+        # Tiles start on two threads at once; with one kernel they must get the very same
+        # transfer function (``_steppers`` pairs tiles by it).
+        self._otf_lock = threading.Lock()
 
     def otf(self, cx: float, cy: float, tile_shape: tuple[int, int]) -> _Transfer:
         if self.grid is None:
-            cached = self._otf_cache.get(tile_shape)
-            if cached is None:
-                cached = self._otf_cache[tile_shape] = _otf(self.single, tile_shape, paired=True)
+            with self._otf_lock:
+                cached = self._otf_cache.get(tile_shape)
+                if cached is None:
+                    cached = _otf(self.single, tile_shape, paired=True)
+                    self._otf_cache[tile_shape] = cached
             return cached
         return _otf(self._psf.kernel_at(cx, cy, self.shape), tile_shape)
 
