@@ -630,8 +630,8 @@ def _fwhm_guess(session: StackSession) -> float:
     0.22 s at 9 MP, 0.26 against 0.35 s at 26 MP, medians). A guess wider than the stars
     changes little (simulated 2.6 px stars found with a 3, 4, 5 or 6 px filter: FWHM
     2.602-2.605 px, counts within 3 %), so after a refocus the stack's history may lag
-    without harm. The history is part
-    of the checkpoint, so a resumed night filters every sub as an uninterrupted one does.
+    without harm. The history is part of the checkpoint, so a resumed night filters every
+    sub as an uninterrupted one does.
     """
     recent = session.fwhm[-FWHM_MEMORY:]
     return max(FWHM_GUESS, float(np.median(recent))) if recent else FWHM_GUESS
