@@ -25,6 +25,7 @@ Timings belong in benchmarks/RESULTS.md with the machine and the date, never in 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -171,6 +172,9 @@ def main() -> None:
                 )
             )
         t_sim = time.perf_counter() - t0
+        # A reused capture has its own size, whatever --width and --height say.
+        truth = json.loads((capture / "truth.json").read_text())
+        args.width, args.height = int(truth["width"]), int(truth["height"])
         rate_before, warp_before = machine_speed(args.width, args.height)
         t0 = time.perf_counter()
         if args.batch:
