@@ -223,66 +223,49 @@ class Metrics:
             "When the last file was handled, POSIX seconds; 0 until the first.",
             registry=reg,
         )
-        self.last_frame = {
-            key: Gauge(name, doc, ["target", "filter"], registry=reg)
-            for key, name, doc in _LAST_FRAME
-        }
-        self.stack_frames = Gauge(
+
+        def per_stack(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["target", "filter"], registry=reg)
+
+        self.last_frame = {key: per_stack(name, doc) for key, name, doc in _LAST_FRAME}
+        self.stack_frames = per_stack(
             "subwatch_stack_frames",
             "Subs integrated into the stack.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_rejected = Gauge(
+        self.stack_rejected = per_stack(
             "subwatch_stack_rejected_frames",
             "Subs of the stack's target and filter rejected so far.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_integration = Gauge(
+        self.stack_integration = per_stack(
             "subwatch_stack_integration_seconds",
             "Total exposure integrated into the stack, seconds.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_snr = Gauge(
+        self.stack_snr = per_stack(
             "subwatch_stack_snr",
             "SNR of the stack: its own measurement when status.json has one, else the median"
             " sub SNR times sqrt(frames), the background-limited growth.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_noise = Gauge(
+        self.stack_noise = per_stack(
             "subwatch_stack_noise_adu",
             "Sky noise measured on the stack at its last preview, ADU per pixel.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_noise_expected = Gauge(
+        self.stack_noise_expected = per_stack(
             "subwatch_stack_noise_expected_adu",
             "Sky noise the stack's subs promise (their noises combined by their weights: the"
             " 1/sqrt(N) expectation), ADU per pixel; above it, the stack integrates badly.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_forecast = Gauge(
+        self.stack_forecast = per_stack(
             "subwatch_stack_forecast_seconds",
             "Integration still needed to reach previews.target_snr, seconds: 0 once reached,"
             " NaN while the growth cannot tell yet.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_fwhm = Gauge(
+        self.stack_fwhm = per_stack(
             "subwatch_stack_fwhm_pixels",
             "Median FWHM of the subs in the stack, pixels.",
-            ["target", "filter"],
-            registry=reg,
         )
-        self.stack_updated = Gauge(
+        self.stack_updated = per_stack(
             "subwatch_stack_updated_timestamp_seconds",
             "When the stack was last written, POSIX seconds.",
-            ["target", "filter"],
-            registry=reg,
         )
         self.queue_depth = Gauge(
             "subwatch_queue_depth",
