@@ -363,9 +363,8 @@ class Metrics:
         ):
             value = _finite(report.get(key))
             gauge.labels(*labels).set(math.nan if value is None else value)
-        remaining = 0.0 if report.get("forecast_method") == "reached" else None
-        if remaining is None:
-            remaining = _finite(report.get("forecast_seconds"))
+        reached = report.get("forecast_method") == "reached"
+        remaining = 0.0 if reached else _finite(report.get("forecast_seconds"))
         self.stack_forecast.labels(*labels).set(math.nan if remaining is None else remaining)
 
     def set_queue_depth(self, n: int) -> None:
