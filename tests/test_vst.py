@@ -124,3 +124,32 @@ def test_estimate_on_flat_gaussian_frame_gives_zero_gain() -> None:
     assert nm.gain * 50.0 < 0.05 * nm.sigma**2  # no measurable slope over the sky's range
     assert abs(nm.sigma - 7.0) < 0.05 * 7.0
     assert abs(nm.offset - 1000.0) < 1.0
+
+
+def test_transforms_by_blocks_equal_the_whole_array_formula() -> None:
+    """forward and inverse work a block of elements at a time; the seams must not show."""
+    rng = np.random.default_rng(6)
+    nm = NoiseModel(gain=0.3, sigma=5.0, offset=900.0)
+    x = rng.uniform(850.0, 40000.0, (517, 301)).astype(np.float32)  # 155,617 elements: 3 blocks
+    x[200, 17] = np.nan
+    d = x.astype(np.float64) - nm.offset
+    g, s = nm.gain, nm.sigma
+    expected = 2.0 * (d + 0.375 * g) / (np.sqrt(np.maximum(g * d + 0.375 * g * g + s * s, 0)) + s)
+    y = forward(x, nm)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_array_equal(y, expected.astype(np.float32))
+    back = inverse(y, nm)
+    assert back.shape == x.shape and np.isnan(back[200, 17])
+    np.testing.assert_allclose(back[np.isfinite(x)], x[np.isfinite(x)], rtol=1e-4, atol=0.2)
+
+
+def test_estimate_on_a_large_frame_measures_the_sky_on_its_tiles() -> None:
+    """Above 4 MP the model, the sky level included, comes from a spread grid of tiles."""
+    rng = np.random.default_rng(7)
+    h, w = 2100, 2050  # 4.3 MP: measured on tiles
+    ramp = np.linspace(0.0, 40.0, w, dtype=np.float32)[None, :]
+    img = (1000.0 + ramp + rng.normal(0.0, 6.0, (h, w))).astype(np.float32)
+    nm = estimate_noise_model(img)
+    assert abs(nm.offset - float(np.median(img))) < 0.1 * 6.0
+    assert abs(nm.sigma - 6.0) < 0.03 * 6.0
+    assert nm.gain * 40.0 < 0.05 * 36.0

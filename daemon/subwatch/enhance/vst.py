@@ -24,8 +24,10 @@ Everything is vectorised numpy; float32 in, float32 out, float64 inside where su
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 __all__ = ["NoiseModel", "estimate_noise_model", "forward", "inverse"]
@@ -58,6 +60,24 @@ class NoiseModel:
         return np.sqrt(np.maximum(var, 0.0))
 
 
+#: Elements per block of the element-wise transforms: their float64 temporaries stay in cache.
+_BLOCK = 1 << 16
+
+
+def _in_blocks(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """``fn(x).astype(float32)``, evaluated a block of elements at a time.
+
+    On a whole 9 MP image every float64 temporary is a 72 MB trip through memory; a block
+    of 64k elements keeps them in cache (3008x3008 transform 0.24-0.6 s before).
+    """
+    x = np.asarray(x)
+    out = np.empty(x.shape, np.float32)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _BLOCK):
+        flat_out[start : start + _BLOCK] = fn(flat_in[start : start + _BLOCK])
+    return out
+
+
 # Makitalo & Foi (2013), eq. (11): coefficients of the closed-form unbiased inverse.
 _C1 = 0.25 * np.sqrt(1.5)
 _C2 = 11.0 / 8.0
@@ -75,10 +95,13 @@ def forward(x: np.ndarray, nm: NoiseModel) -> np.ndarray:
     """
     g = float(nm.gain)
     s = float(nm.sigma)
-    d = np.asarray(x, dtype=np.float64) - nm.offset
-    a = np.maximum(g * d + 0.375 * g * g + s * s, 0.0)
-    y = 2.0 * (d + 0.375 * g) / (np.sqrt(a) + s)
-    return y.astype(np.float32)
+
+    def block(xb: np.ndarray) -> np.ndarray:
+        d = xb.astype(np.float64) - nm.offset
+        a = np.maximum(g * d + 0.375 * g * g + s * s, 0.0)
+        return 2.0 * (d + 0.375 * g) / (np.sqrt(a) + s)
+
+    return _in_blocks(block, x)
 
 
 def inverse(y: np.ndarray, nm: NoiseModel) -> np.ndarray:
@@ -93,13 +116,17 @@ def inverse(y: np.ndarray, nm: NoiseModel) -> np.ndarray:
     """
     g = float(nm.gain)
     s = float(nm.sigma)
-    yy = np.asarray(y, dtype=np.float64)
-    if g <= 0.0:
-        return (nm.offset + s * yy).astype(np.float32)
-    yy = np.maximum(yy, 0.8 - 2.0 * s / g)
-    inv_d = g / (g * yy + 2.0 * s)  # 1 / D, finite because D >= 0.8
-    corr = yy * yy * 0.25 - 0.125 + inv_d * (_C1 + inv_d * (-_C2 + inv_d * _C3))
-    return (nm.offset + s * yy + g * corr).astype(np.float32)
+
+    def block(yb: np.ndarray) -> np.ndarray:
+        yy = yb.astype(np.float64)
+        if g <= 0.0:
+            return nm.offset + s * yy
+        yy = np.maximum(yy, 0.8 - 2.0 * s / g)
+        inv_d = g / (g * yy + 2.0 * s)  # 1 / D, finite because D >= 0.8
+        corr = yy * yy * 0.25 - 0.125 + inv_d * (_C1 + inv_d * (-_C2 + inv_d * _C3))
+        return nm.offset + s * yy + g * corr
+
+    return _in_blocks(block, y)
 
 
 def algebraic_inverse(y: np.ndarray, nm: NoiseModel) -> np.ndarray:
@@ -118,14 +145,17 @@ _LEVEL_BOX = 9  # level = mean over 9x9: wide enough that interpolation-correlat
 _STRUCT_SMALL = 3  # structure detector: 3x3 mean minus 9x9 mean
 _MAX_PIXELS = 4_000_000  # above this, measure on a grid of tiles (noise is a local property)
 _TILE = 512
+_FIRST_PASS_STRIDE = 4  # the first, structure-blind model uses every 4th (level, residual)
+_WINGS = np.ones((5, 5), np.uint8)  # a loud pixel takes its 5x5 neighbourhood with it
 
 
 def _box_sum(a: np.ndarray, k: int) -> np.ndarray:
-    """Sum over a k x k window (k odd), zero beyond the borders; cumulative sums, O(1)/pixel."""
-    r = k // 2
-    p = np.pad(a, ((r + 1, r), (r + 1, r)))
-    c = np.cumsum(np.cumsum(p, axis=0), axis=1)
-    return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    """Sum over a k x k window (k odd), zero beyond the borders, in float64.
+
+    OpenCV's running box sum: a third of the time of two cumulative sums over a padded copy.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    return cv2.boxFilter(a, -1, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
 
 
 def _box_mean(x: np.ndarray, w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,19 +199,23 @@ def _level_residual_pairs(
         # white-noise std of (mean3 - mean9) is sigma * sqrt(1/9 - 1/81)
         band_std = var_guess.std(level) * np.sqrt(1.0 / 9.0 - 1.0 / 81.0)
         loud = np.abs(band) > 3.5 * np.maximum(band_std, 1e-12)
-        loud = _box_sum(loud.astype(np.float64), 5) > 0.5
+        loud = cv2.dilate(loud.view(np.uint8), _WINGS, borderType=cv2.BORDER_CONSTANT) > 0
         keep = full & ~loud
-    return level[keep], resid[keep]
+    return level[keep].astype(np.float32), resid[keep].astype(np.float32)
 
 
 def _binned_variance(
     level: np.ndarray, resid: np.ndarray, nbins: int = 24
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Robust variance (MAD^2) per level bin of equal pixel count: centres, variances, counts."""
-    order = np.argsort(level, kind="stable")
+    """Robust variance (MAD^2) per level bin of equal pixel count: centres, variances, counts.
+
+    Only which pixels fall in which bin matters, not their order inside it: a partition at
+    the bin edges gives exactly that, three times quicker than sorting millions of levels.
+    """
+    edges = np.linspace(0, level.size, nbins + 1).astype(int)
+    order = np.argpartition(level, edges[1:-1]) if nbins > 1 else np.arange(level.size)
     lv = level[order]
     rs = resid[order]
-    edges = np.linspace(0, lv.size, nbins + 1).astype(int)
     cen, var, cnt = [], [], []
     for a, b in itertools.pairwise(edges):
         if b - a < 50:
@@ -234,8 +268,11 @@ def estimate_noise_model(image: np.ndarray, mask: np.ndarray | None = None) -> N
         valid &= ~np.asarray(mask, dtype=bool)
     if valid.sum() < 1000:
         raise ValueError("too few valid pixels to measure noise")
-    offset = float(np.median(img[valid]))
     tiles = _tiles(img.shape)
+    # The sky level from the pixels the model is measured on: on a large image the evenly
+    # spread tiles give the median to a fraction of the noise, at a fraction of the cost
+    # (3008x3008: 0.08 against 0.3-0.8 s for the median of all 9 million).
+    offset = float(np.median(np.concatenate([img[sy, sx][valid[sy, sx]] for sy, sx in tiles])))
 
     model: NoiseModel | None = None
     for _ in range(2):
@@ -250,11 +287,15 @@ def estimate_noise_model(image: np.ndarray, mask: np.ndarray | None = None) -> N
             if model is None:
                 raise ValueError("no smooth region found to measure noise")
             break
+        if model is None:
+            # The first model only decides what is structure; a quarter of the pairs will do.
+            level, resid = level[::_FIRST_PASS_STRIDE], resid[::_FIRST_PASS_STRIDE]
         cen, var, cnt = _binned_variance(level, resid)
         a, b = _robust_line(cen, var, cnt, offset)
         sky_var = a if a > 0 else float(np.min(var))
         sigma = float(np.sqrt(max(sky_var, 1e-30)))
-        span = float(np.percentile(level, 95) - np.percentile(level, 5))
+        low, high = np.percentile(level, [5, 95])
+        span = float(high - low)
         gain = max(b, 0.0) if span > 3.0 * sigma else 0.0
         model = NoiseModel(gain=gain, sigma=sigma, offset=offset)
     assert model is not None
