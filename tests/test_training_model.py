@@ -49,3 +49,51 @@ def test_shipped_onnx_contract() -> None:
     core = y[0, 0, 24:-24, 24:-24]
     assert float(np.std(core)) < 0.5
     assert abs(float(np.mean(core))) < 0.1
+
+
+def test_a_run_stopped_for_time_and_resumed_equals_one_straight_through(tmp_path: Path) -> None:
+    """--max-minutes stops at a checkpoint (a GPU lease ends commands after minutes) and
+    --resume continues: same iterations, same weights as one uninterrupted run."""
+    torch = pytest.importorskip("torch")
+    from training.train import main
+
+    common = ["--iters", "4", "--batch", "2", "--size", "32", "--warmup", "2", "--device", "cpu"]
+    common += ["--val-every", "100", "--early-export-at", "0", "--final-scenes", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*common, "--out", str(straight), "--export", str(straight / "m.onnx")]) == 0
+    args = [*common, "--out", str(split), "--export", str(split / "m.onnx")]
+    assert main([*args, "--max-minutes", "0"]) == 0  # stops after the first iteration
+    assert not (split / "model.pt").exists()
+    first = torch.load(split / "checkpoint.pt", weights_only=False)
+    assert first["iter"] == 1
+    assert main([*args, "--resume", "--workers", "1"]) == 0
+    a = torch.load(straight / "model.pt")["model"]
+    b = torch.load(split / "model.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_shuffled_network_exports_its_own_grid_and_runs_through_inference(tmp_path: Path) -> None:
+    """The half-resolution variant: a quarter of the multiply-adds, an 8-px grid that the
+    ONNX metadata carries and the tiled inference honours on a frame of any size."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from subwatch.enhance.denoise import DenoiseSettings, load_denoiser
+    from training.export import export_onnx
+    from training.model import ShuffleUNet, UNet, build, macs_per_pixel
+
+    torch.manual_seed(0)
+    net = build("shuffle", 16)
+    assert isinstance(net, ShuffleUNet) and net.multiple_of == 8
+    assert macs_per_pixel(net) < 0.3 * macs_per_pixel(UNet(16))
+    path = tmp_path / "shuffle.onnx"
+    facts = export_onnx(net, path, version="test")
+    assert facts["multiple_of"] == 8 and facts["receptive_field"] > 44
+    denoiser, why = load_denoiser(DenoiseSettings(model=str(path), tile=128, overlap=16))
+    assert denoiser is not None, why
+    rng = np.random.default_rng(1)
+    image = (1000.0 + 8.0 * rng.standard_normal((150, 203))).astype(np.float32)
+    out = denoiser(image, strength=1.0)
+    assert out.shape == image.shape and np.all(np.isfinite(out))
+    assert denoiser.info["tiles"] > 1

@@ -10,7 +10,7 @@ import numpy as np
 # training/ lives at the repository root and is not part of the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.scenes import make_batch, make_sample
+from training.scenes import batches, make_batch, make_sample
 
 
 def test_batch_shapes_and_determinism() -> None:
@@ -51,3 +51,15 @@ def test_reduced_coverage_raises_noise_and_map() -> None:
             assert abs(ratio / expect - 1.0) < 0.25
             return
     raise AssertionError("no sample with a reduced-coverage region")
+
+
+def test_batches_drawn_by_worker_processes_are_the_same_batches() -> None:
+    """A GPU run draws its scenes in a pool; the batch of iteration i must not depend on it."""
+    alone = list(batches(seed=3, start=2, stop=7, batch=2, size=32, workers=0))
+    pooled = list(batches(seed=3, start=2, stop=7, batch=2, size=32, workers=2))
+    assert len(alone) == len(pooled) == 5
+    for (xa, ta), (xp, tp) in zip(alone, pooled, strict=True):
+        np.testing.assert_array_equal(xa, xp)
+        np.testing.assert_array_equal(ta, tp)
+    first, _ = make_batch(np.random.default_rng([3, 2]), 2, 32)
+    np.testing.assert_array_equal(alone[0][0], first)

@@ -10,6 +10,7 @@ multiples of it), ``receptive_field`` (px; inference tiles need a margin of half
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.model import MULTIPLE_OF, UNet, count_params, macs_per_pixel, receptive_field
+from training.model import build, count_params, macs_per_pixel, receptive_field
 
 OPSET = 17
 CONTRACT = (
@@ -27,12 +28,12 @@ CONTRACT = (
 )
 
 
-def export_onnx(model: UNet, path: Path, version: str) -> dict[str, float]:
+def export_onnx(model: torch.nn.Module, path: Path, version: str) -> dict[str, float]:
     """Write ``model`` to ``path`` and verify it with onnxruntime; returns the facts recorded."""
     import onnx
     import onnxruntime as ort
 
-    model = model.eval()
+    model = copy.deepcopy(model).cpu().eval()  # a CPU copy: training may go on on a GPU
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
     dyn = {0: "N", 2: "H", 3: "W"}
@@ -49,14 +50,14 @@ def export_onnx(model: UNet, path: Path, version: str) -> dict[str, float]:
             dynamo=False,
         )
     facts = {
-        "multiple_of": MULTIPLE_OF,
+        "multiple_of": model.multiple_of,
         "receptive_field": receptive_field(model),
         "params": count_params(model),
         "macs_per_pixel": macs_per_pixel(model),
     }
     proto = onnx.load(str(tmp))
     meta = {
-        "multiple_of": str(MULTIPLE_OF),
+        "multiple_of": str(model.multiple_of),
         "receptive_field": str(facts["receptive_field"]),
         "version": version,
         "contract": CONTRACT,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", default="1")
     args = ap.parse_args(argv)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    model = UNet(width=int(state.get("width", 16)))
+    model = build(str(state.get("arch", "unet")), int(state.get("width", 16)))
     model.load_state_dict(state["model"])
     print(json.dumps(export_onnx(model, args.out, args.version), indent=1))
     return 0

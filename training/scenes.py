@@ -25,6 +25,9 @@ Everything follows from a ``numpy.random.Generator``: a seed reproduces the data
 
 from __future__ import annotations
 
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,3 +258,33 @@ def make_batch(
         xs.append(inp)
         ts.append(tgt)
     return np.ascontiguousarray(np.stack(xs)), np.ascontiguousarray(np.stack(ts))
+
+
+def draw_batch(job: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The batch of iteration ``it``: a function of (seed, it) alone, in whichever process."""
+    seed, it, batch, size = job
+    return make_batch(np.random.default_rng([seed, it]), batch, size)
+
+
+def batches(
+    seed: int, start: int, stop: int, batch: int, size: int, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches ``start..stop-1`` in order; with ``workers`` > 0 drawn ahead in a process pool.
+
+    Drawing a batch of synthetic scenes costs about 0.2 s of one core, far more than a
+    training step on a GPU: there the scenes come from the other cores, at most two batches
+    per worker ahead so memory stays bounded. The batches are the same either way.
+    """
+    if workers <= 0:
+        for it in range(start, stop):
+            yield draw_batch((seed, it, batch, size))
+        return
+    ctx = multiprocessing.get_context("spawn")  # no forked copy of a CUDA context
+    with ctx.Pool(workers) as pool:
+        ahead: deque = deque()
+        nxt = start
+        for _ in range(start, stop):
+            while nxt < stop and len(ahead) < 2 * workers:
+                ahead.append(pool.apply_async(draw_batch, ((seed, nxt, batch, size),)))
+                nxt += 1
+            yield ahead.popleft().get()

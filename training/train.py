@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from training.export import export_onnx
-from training.model import UNet, count_params, macs_per_pixel, receptive_field
-from training.scenes import make_batch
+from training.model import ARCHITECTURES, build, count_params, macs_per_pixel, receptive_field
+from training.scenes import batches
 from training.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stop-at", type=int, default=None, help="end early, schedule unchanged")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="unet")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -77,15 +78,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-minutes", type=float, default=4.0)
     ap.add_argument("--final-scenes", type=int, default=16, help="validation scenes per depth")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument(
+        "--device", default="auto", help="cpu, cuda, or auto (cuda when torch sees a GPU)"
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes drawing the batches ahead of the training step (0: in this process)",
+    )
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="checkpoint and stop after this long; --resume carries on (for time-limited runs)",
+    )
     return ap.parse_args(argv)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = _device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = UNet(width=args.width)
+    model = build(args.arch, args.width)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     stop = args.iters if args.stop_at is None else min(args.stop_at, args.iters)
     facts = {
@@ -94,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         "receptive_field": receptive_field(model),
     }
     print(
-        f"UNet width {args.width}: {facts['params']} parameters, "
-        f"{facts['macs_per_pixel']:.0f} MAC/px, receptive field {facts['receptive_field']} px",
+        f"{args.arch} width {args.width}: {facts['params']} parameters, "
+        f"{facts['macs_per_pixel']:.0f} MAC/px, receptive field {facts['receptive_field']} px, "
+        f"on {device}",
         flush=True,
     )
 
@@ -108,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(state["opt"])
         start, wall_before = state["iter"], state["wall_s"]
         print(f"resumed at iteration {start}", flush=True)
+    model.to(device)
+    for per_param in opt.state.values():  # Adam's moments follow the weights
+        for k, v in per_param.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                per_param[k] = v.to(device)
     else:
         log_path.write_text("iter,wall_s,lr,loss,val_gat_gain_db\n")
     log = log_path.open("a")
@@ -123,23 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint(it: int) -> None:
         _save(
             {
-                "model": model.state_dict(),
+                "model": {k: v.cpu() for k, v in model.state_dict().items()},
                 "opt": opt.state_dict(),
                 "iter": it,
                 "wall_s": wall(),
                 "width": args.width,
+                "arch": args.arch,
                 "args": _plain_args(args),
             },
             ckpt,
         )
 
-    for it in range(start, stop):
+    draws = batches(args.seed, start, stop, args.batch, args.size, args.workers)
+    for it, (x, y) in zip(range(start, stop), draws, strict=True):
         lr = lr_at(it, args.iters, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        x, y = make_batch(np.random.default_rng([args.seed, it]), args.batch, args.size)
-        pred = model(torch.from_numpy(x))
-        loss = torch.mean((pred - torch.from_numpy(y)) ** 2)
+        pred = model(torch.from_numpy(x).to(device))
+        loss = torch.mean((pred - torch.from_numpy(y).to(device)) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,12 +196,23 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60:
             checkpoint(done)
             last_ckpt = time.monotonic()
+        out_of_time = args.max_minutes is not None and time.monotonic() - t0 > args.max_minutes * 60
+        if out_of_time and done < stop:
+            checkpoint(done)
+            log.close()
+            draws.close()
+            print(f"stopped for time at iteration {done}; --resume carries on", flush=True)
+            return 0
 
     checkpoint(stop)
     log.close()
     train_wall = wall()
     model.eval()
-    torch.save({"model": model.state_dict(), "width": args.width}, args.out / "model.pt")
+    model.cpu()
+    torch.save(
+        {"model": model.state_dict(), "width": args.width, "arch": args.arch},
+        args.out / "model.pt",
+    )
     scores = validate(model, per_depth=args.final_scenes)
     scores["iterations"] = stop
     (args.out / "validation.json").write_text(json.dumps(scores, indent=1) + "\n")

@@ -40,6 +40,7 @@ def validate(
 ) -> dict:
     """Scores of ``model`` per depth and overall (see the module docstring)."""
     model.eval()
+    device = next(model.parameters()).device
     out: dict = {"per_depth": {}, "scenes_per_depth": per_depth, "size": size}
     all_gain = []
     for di, depth in enumerate(depths):
@@ -51,7 +52,7 @@ def validate(
         with torch.no_grad():
             for k in range(0, per_depth, batch):
                 x = torch.from_numpy(np.stack([s.inputs for s in samples[k : k + batch]]))
-                preds.extend(model(x).numpy()[:, 0])
+                preds.extend(model(x.to(device)).cpu().numpy()[:, 0])
         acc = {k: [] for k in ("n", "d", "fn", "fd", "pn", "pd")}
         for s, p in zip(samples, preds, strict=True):
             t, z = s.target[0], s.inputs[0]
