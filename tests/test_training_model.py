@@ -79,9 +79,10 @@ def test_shuffled_network_exports_its_own_grid_and_runs_through_inference(tmp_pa
     ONNX metadata carries and the tiled inference honours on a frame of any size."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from subwatch.enhance.denoise import DenoiseSettings, load_denoiser
     from training.export import export_onnx
     from training.model import ShuffleUNet, UNet, build, macs_per_pixel
+
+    from subwatch.enhance.denoise import DenoiseSettings, load_denoiser
 
     torch.manual_seed(0)
     net = build("shuffle", 16)

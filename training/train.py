@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     scores = validate(model, per_depth=args.final_scenes)
     scores["iterations"] = stop
     (args.out / "validation.json").write_text(json.dumps(scores, indent=1) + "\n")
-    version = f"1.0-seed{args.seed}-it{stop}"
+    # The original U-Net keeps its version scheme; another architecture names itself.
+    kind = "1.0" if args.arch == "unet" else f"2.0-{args.arch}{args.width}"
+    version = f"{kind}-seed{args.seed}-it{stop}"
     facts |= export_onnx(model, args.export, version=version)
     facts |= {
         "iterations": stop,
