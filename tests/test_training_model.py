@@ -59,6 +59,7 @@ def test_a_run_stopped_for_time_and_resumed_equals_one_straight_through(tmp_path
 
     common = ["--iters", "4", "--batch", "2", "--size", "32", "--warmup", "2", "--device", "cpu"]
     common += ["--val-every", "100", "--early-export-at", "0", "--final-scenes", "1"]
+    common += ["--log-every", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main([*common, "--out", str(straight), "--export", str(straight / "m.onnx")]) == 0
     args = [*common, "--out", str(split), "--export", str(split / "m.onnx")]
@@ -66,7 +67,15 @@ def test_a_run_stopped_for_time_and_resumed_equals_one_straight_through(tmp_path
     assert not (split / "model.pt").exists()
     first = torch.load(split / "checkpoint.pt", weights_only=False)
     assert first["iter"] == 1
+    log_before = (split / "log.csv").read_text()
     assert main([*args, "--resume", "--workers", "1"]) == 0
+    assert (split / "log.csv").read_text().startswith(log_before)  # continued, not restarted
+
+    def rows(path: Path) -> list[list[str]]:  # every column but the wall time
+        return [line.split(",")[:1] + line.split(",")[2:] for line in path.read_text().splitlines()]
+
+    assert rows(split / "log.csv") == rows(straight / "log.csv")
+    assert len(rows(straight / "log.csv")) == 5  # the header and iterations 1..4
     a = torch.load(straight / "model.pt")["model"]
     b = torch.load(split / "model.pt")["model"]
     assert a.keys() == b.keys()

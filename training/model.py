@@ -13,6 +13,8 @@ denoised channel 0 in the same units; H and W multiples of ``MULTIPLE_OF``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -27,6 +29,13 @@ def _block(cin: int, cout: int) -> nn.Sequential:
         nn.Conv2d(cout, cout, 3, padding=1),
         nn.ReLU(inplace=True),
     )
+
+
+def _residual(x: torch.Tensor, noise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The contract around any body: the GAT image scaled down (and the noise map) in, the
+    body's predicted noise scaled back up and subtracted from the input."""
+    z = x[:, 0:1]
+    return z - INPUT_SCALE * noise(torch.cat([z / INPUT_SCALE, x[:, 1:2]], dim=1))
 
 
 class UNet(nn.Module):
@@ -57,9 +66,7 @@ class UNet(nn.Module):
         return self.head(d1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x[:, 0:1]
-        a = torch.cat([z / INPUT_SCALE, x[:, 1:2]], dim=1)
-        return z - INPUT_SCALE * self.features(a)
+        return _residual(x, self.features)
 
 
 class ShuffleUNet(nn.Module):
@@ -82,9 +89,7 @@ class ShuffleUNet(nn.Module):
         self.up = nn.PixelShuffle(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x[:, 0:1]
-        a = torch.cat([z / INPUT_SCALE, x[:, 1:2]], dim=1)
-        return z - INPUT_SCALE * self.up(self.inner.features(self.down(a)))
+        return _residual(x, lambda a: self.up(self.inner.features(self.down(a))))
 
 
 ARCHITECTURES = {"unet": UNet, "shuffle": ShuffleUNet}

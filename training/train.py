@@ -109,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     device = _device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     model = build(args.arch, args.width)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     stop = args.iters if args.stop_at is None else min(args.stop_at, args.iters)
     facts = {
         "params": count_params(model),
         "macs_per_pixel": macs_per_pixel(model),
         "receptive_field": receptive_field(model),
     }
+    # On the device before the optimiser exists: a resumed optimiser's state then follows
+    # its parameters there by itself (load_state_dict casts it).
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     print(
         f"{args.arch} width {args.width}: {facts['params']} parameters, "
         f"{facts['macs_per_pixel']:.0f} MAC/px, receptive field {facts['receptive_field']} px, "
@@ -132,11 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(state["opt"])
         start, wall_before = state["iter"], state["wall_s"]
         print(f"resumed at iteration {start}", flush=True)
-    model.to(device)
-    for per_param in opt.state.values():  # Adam's moments follow the weights
-        for k, v in per_param.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                per_param[k] = v.to(device)
     else:
         log_path.write_text("iter,wall_s,lr,loss,val_gat_gain_db\n")
     log = log_path.open("a")
