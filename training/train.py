@@ -61,7 +61,7 @@ def _plain_args(args: argparse.Namespace) -> dict[str, object]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train the subwatch denoiser.")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=1400)
+    ap.add_argument("--iters", type=int, default=3500)
     ap.add_argument("--stop-at", type=int, default=None, help="end early, schedule unchanged")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=96)
