@@ -786,6 +786,12 @@ def _fit_moffat(
     The shape parameter is ``q = 1 / beta`` (0 is a Gaussian, which the fit may approach
     without anything diverging). Only pixels within ``radius`` of the stamp's centre count:
     the wings out to there pin beta, and a neighbour further out cannot pull the fit.
+
+    A star leaves the iterations once its step is accepted and moves the FWHM by less than
+    1e-4; the rest go on alone. A parameter on its bound that the gradient pushes further out
+    is held there: solved for as if free, its step is clipped and spoils the others', and
+    such a star (a near-Gaussian one with beta at its bound) used every iteration and still
+    had not converged.
     """
     n = patches.shape[0]
     grid = np.arange(-r, r + 1, dtype=np.float64)
@@ -822,7 +828,7 @@ def _fit_moffat(
             return f, None
         common = a * m / (q * u) * c / (fw * fw)
         dc_dq = 4.0 * math.log(2.0) * np.exp2(q)
-        j = np.empty((n, gx.shape[1], 6))
+        j = np.empty((par.shape[0], gx.shape[1], 6))
         j[:, :, 0] = common * 2.0 * ddx
         j[:, :, 1] = common * 2.0 * ddy
         j[:, :, 2] = m
@@ -833,31 +839,37 @@ def _fit_moffat(
 
     f, _ = model(p, False)
     cost = (weight * (data - f) ** 2).sum(axis=1)
-    converged = np.zeros(n, bool)
+    active = np.arange(n)
     for _ in range(iterations):
-        f, j = model(p, True)
+        if active.size == 0:
+            break
+        pa, da, wa, la, ca = p[active], data[active], weight[active], lam[active], cost[active]
+        f, j = model(pa, True)
         assert j is not None
-        res = weight * (data - f)
-        jw = j * weight[:, :, None]
+        res = wa * (da - f)
+        jw = j * wa[:, :, None]
         hess = np.matmul(jw.transpose(0, 2, 1), j)
         grad = np.matmul(j.transpose(0, 2, 1), res[:, :, None])[:, :, 0]
+        pinned = ((pa <= lo) & (grad < 0)) | ((pa >= hi) & (grad > 0))
+        if pinned.any():
+            free = ~pinned
+            hess = hess * (free[:, :, None] & free[:, None, :]) + pinned[:, :, None] * np.eye(6)
+            grad = np.where(pinned, 0.0, grad)
         diag = np.einsum("nii->ni", hess)
-        damped = hess + (lam[:, None] * np.maximum(diag, 1e-12))[:, :, None] * np.eye(6)
+        damped = hess + (la[:, None] * np.maximum(diag, 1e-12))[:, :, None] * np.eye(6)
         try:
             step = np.linalg.solve(damped, grad[:, :, None])[:, :, 0]
         except np.linalg.LinAlgError:
-            step = np.zeros_like(p)
-        trial = np.clip(p + step, lo, hi)
+            step = np.zeros_like(pa)
+        trial = np.clip(pa + step, lo, hi)
         f_trial, _ = model(trial, False)
-        trial_cost = (weight * (data - f_trial) ** 2).sum(axis=1)
-        better = np.isfinite(trial_cost) & (trial_cost <= cost)
-        small = np.abs(step[:, 3]) < 1e-4 * p[:, 3]
-        converged |= better & small
-        p = np.where(better[:, None], trial, p)
-        cost = np.where(better, trial_cost, cost)
-        lam = np.where(better, lam / 4.0, lam * 4.0)
-        if converged.all():
-            break
+        trial_cost = (wa * (da - f_trial) ** 2).sum(axis=1)
+        better = np.isfinite(trial_cost) & (trial_cost <= ca)
+        small = np.abs(step[:, 3]) < 1e-4 * pa[:, 3]
+        p[active] = np.where(better[:, None], trial, pa)
+        cost[active] = np.where(better, trial_cost, ca)
+        lam[active] = np.where(better, la / 4.0, la * 4.0)
+        active = active[~(better & small)]
     q = p[:, 4]
     fw = p[:, 3]
     alpha = fw / (2.0 * np.sqrt(np.exp2(q) - 1.0))
