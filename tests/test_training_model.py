@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -81,6 +82,32 @@ def test_a_run_stopped_for_time_and_resumed_equals_one_straight_through(tmp_path
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_init_starts_from_the_given_weights(tmp_path: Path) -> None:
+    """--init fine-tunes a trained model (new scenes, a new schedule) instead of starting
+    from random weights: with a learning rate of 0 the weights come out as they went in."""
+    torch = pytest.importorskip("torch")
+    from training.train import main
+
+    common = ["--batch", "2", "--size", "32", "--warmup", "1", "--device", "cpu"]
+    common += ["--val-every", "100", "--early-export-at", "0", "--final-scenes", "1"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert main([*common, "--iters", "2", "--out", str(a), "--export", str(a / "m.onnx")]) == 0
+    frozen = [*common, "--iters", "1", "--lr", "0", "--seed", "3"]
+    assert (
+        main(
+            [*frozen, "--init", str(a / "model.pt"), "--out", str(b), "--export", str(b / "m.onnx")]
+        )
+        == 0
+    )
+    assert main([*frozen, "--out", str(c), "--export", str(c / "m.onnx")]) == 0
+    trained = torch.load(a / "model.pt")["model"]
+    for k, v in torch.load(b / "model.pt")["model"].items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
+    fresh = torch.load(c / "model.pt")["model"]
+    assert any(not torch.equal(fresh[k], trained[k]) for k in trained)
+    assert json.loads((b / "facts.json").read_text())["version"].endswith("-ft")
 
 
 def test_shuffled_network_exports_its_own_grid_and_runs_through_inference(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ scaled to ADU of a mean stack with a pedestal, like a real stack on disk:
   envelope), filaments (the zero-crossings of another fBm field), exponential-disc galaxies;
 * **stars**: density 10^-3.3..10^-1.6 per pixel, power-law fluxes from 3 sigma x FWHM^2;
 * everything through one **Moffat PSF** (FWHM 1.6-5 px, beta 2.2-4.5, ellipticity <= 0.15);
+* **depth**: the signal above is then multiplied by a factor log-uniform in 1..sqrt(depth),
+  because a real stack of N subs sees the same sky at sqrt(N) times the signal-to-noise;
 * **saturated cores**: sometimes the stack is clipped at a level a few stars exceed;
 * **noise**: Poisson on the signal plus Gaussian read noise of every sub, for 1..500 subs;
   residual hot pixels; in half the samples spatially correlated by a random bilinear
@@ -187,6 +189,10 @@ def make_sample(rng: np.random.Generator, size: int = 96, depth: int | None = No
     otf = moffat_otf(size, fwhm, rng.uniform(2.2, 4.5), rng.uniform(0, 0.15), rng.uniform(0, np.pi))
     scene = extended_emission(rng, size) + star_field(rng, size, fwhm)
     scene = np.maximum(np.fft.irfft2(np.fft.rfft2(scene) * otf, s=(size, size)), 0.0)
+    # Amplitudes above are in stack sigmas, which would keep a scene's contrast the same at
+    # every depth; a real stack sees the same sky at sqrt(N) times the signal-to-noise, so
+    # deep stacks are drawn with up to sqrt(depth) times the contrast (docs/decisions.md).
+    scene *= _log_uniform(rng, 1.0, float(np.sqrt(depth)))
 
     y, x = _grid(size)
     t = (x - size / 2) / size, (y - size / 2) / size

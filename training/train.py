@@ -61,7 +61,7 @@ def _plain_args(args: argparse.Namespace) -> dict[str, object]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train the subwatch denoiser.")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=3500)
+    ap.add_argument("--iters", type=int, default=8000)
     ap.add_argument("--stop-at", type=int, default=None, help="end early, schedule unchanged")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=96)
@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-minutes", type=float, default=4.0)
     ap.add_argument("--final-scenes", type=int, default=16, help="validation scenes per depth")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these weights (a model.pt) instead of random ones",
+    )
     ap.add_argument(
         "--device", default="auto", help="cpu, cuda, or auto (cuda when torch sees a GPU)"
     )
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "macs_per_pixel": macs_per_pixel(model),
         "receptive_field": receptive_field(model),
     }
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True)["model"])
     # On the device before the optimiser exists: a resumed optimiser's state then follows
     # its parameters there by itself (load_state_dict casts it).
     model.to(device)
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "validation.json").write_text(json.dumps(scores, indent=1) + "\n")
     # The original U-Net keeps its version scheme; another architecture names itself.
     kind = "1.0" if args.arch == "unet" else f"2.0-{args.arch}{args.width}"
-    version = f"{kind}-seed{args.seed}-it{stop}"
+    version = f"{kind}-seed{args.seed}-it{stop}" + ("-ft" if args.init is not None else "")
     facts |= export_onnx(model, args.export, version=version)
     facts |= {
         "iterations": stop,
