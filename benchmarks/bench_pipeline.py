@@ -196,7 +196,10 @@ def main() -> None:
     mode = "--once over the folder" if args.batch else "frame by frame into a watched folder"
     print(f"simulate: {t_sim:.2f} s; run ({mode}): {t_run:.2f} s (calibration frames included)")
     print(f"memory copy rate: {rate_before:.1f} GB/s before, {rate_after:.1f} GB/s after")
-    print(f"bicubic warp alone: {warp_before:.3f} s before, {warp_after:.3f} s after")
+    print(
+        f"OpenCV bicubic warp alone (machine probe): {warp_before:.3f} s before, "
+        f"{warp_after:.3f} s after"
+    )
     print(f"first light (builds masters): {lights[0]['seconds']['total']:.3f} s")
     # Subs integrated one by one after the warm-up buffer (the steady state of a night), and
     # the one that completed the buffer (it pays for the whole buffer's clipping), apart.

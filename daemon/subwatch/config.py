@@ -322,7 +322,7 @@ class StackingConfig(_Section):
     )
     interpolation: Literal["lanczos", "cubic", "linear"] = Field(
         "cubic",
-        description="Resampling of each sub onto the reference (lanczos: sharper, 5x slower).",
+        description="Resampling of each sub onto the reference (lanczos: sharper, 10x slower).",
     )
     rejection: Literal["kappa-sigma", "none"] = Field(
         "kappa-sigma",

@@ -14,31 +14,18 @@ pixel with branches, measured alternating in one process; the stacks are bit-ide
 Colour stacks are channel-last ``(H, W, C)`` and go pixel by pixel; ``covered`` is per pixel
 ``(H, W)`` for both.
 
-Threads: the kernels run on numba's ``workqueue`` layer, not OpenMP. OpenMP's worker threads
-spin for a while after each parallel loop, and on a 2-core machine they spin on the cores that
-OpenCV's warp (and the next update) need. A 26 MP warp then update, five interleaved runs of
-six each: medians 0.19 / 0.19 s with OpenMP, 0.15 / 0.17 s with ``workqueue``; in one
-back-to-back pair of runs, 0.25 / 0.31 s against 0.06 / 0.06 s (docs/decisions.md).
-``workqueue`` aborts the process on launches from two threads at once, so every launch holds
-``_LAUNCH``.
-``NUMBA_THREADING_LAYER`` in the environment still wins.
+Threads: the kernels run on numba's ``workqueue`` layer and every launch holds one lock
+(``subwatch.compiled``).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-
 import numba
 import numpy as np
 
+from subwatch.compiled import LAUNCH_LOCK
+
 __all__ = ["welford_update"]
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
-#: Held around every parallel launch (see the module doc).
-_LAUNCH = threading.Lock()
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -193,7 +180,7 @@ def welford_update(
     if not x.ndim == W.ndim == M.ndim == S.ndim:
         raise ValueError("the sub and the stack state must all be mono or all channel-last")
     counter = np.zeros((1, 1), np.uint16) if count is None else count
-    with _LAUNCH:
+    with LAUNCH_LOCK:
         return _update(
             x,
             np.ascontiguousarray(covered, np.bool_),
@@ -344,7 +331,7 @@ def warmup_flush(
     """
     c4 = cube[..., None] if cube.ndim == 3 else cube
     W3, M3, S3 = (_channels_last(a) for a in (W, M, S))
-    with _LAUNCH:
+    with LAUNCH_LOCK:
         counts = _flush(
             c4,
             np.ascontiguousarray(covered, np.bool_),
