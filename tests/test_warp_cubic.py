@@ -159,3 +159,17 @@ def test_output_of_another_size_and_a_non_contiguous_input():
     out = warp_cubic_two_pass(img, plan, (60, 70))
     assert out.shape == (60, 70) and out.dtype == np.float32
     np.testing.assert_allclose(out, _direct_warp(img.astype(np.float32), m, (60, 70)), atol=0.05)
+
+
+def test_colour_goes_channel_by_channel_like_opencv():
+    rng = np.random.default_rng(6)
+    h, w = 70, 90
+    rgb = cv2.GaussianBlur(rng.normal(100.0, 20.0, (h, w, 3)).astype(np.float32), (0, 0), 1.5)
+    m = _similarity(0.8, 1.0, (1.5, -2.25), (h, w))
+    out, coverage = warp_image(rgb, m, (h, w), "cubic")
+    assert out.shape == (h, w, 3) and out.dtype == np.float32
+    opencv = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_CUBIC)
+    for c in range(3):
+        mono, _ = warp_image(np.ascontiguousarray(rgb[:, :, c]), m, (h, w), "cubic")
+        np.testing.assert_array_equal(out[:, :, c], mono)
+        np.testing.assert_allclose(out[:, :, c][coverage], opencv[:, :, c][coverage], atol=0.05)

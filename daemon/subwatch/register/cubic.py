@@ -1,4 +1,4 @@
-"""Bicubic resampling of a mono sub in two one-dimensional passes, compiled and vectorised.
+"""Bicubic resampling of one channel in two one-dimensional passes, compiled and vectorised.
 
 OpenCV's bicubic ``warpAffine`` reads sixteen source pixels per output pixel through a table of
 weights, one pixel at a time; at 26 MP it was the largest single cost of the per-frame chain
