@@ -9,6 +9,7 @@ import pytest
 
 from subwatch.register import apply_transform, warp_image
 from subwatch.register.cubic import two_pass_plan, warp_cubic_two_pass
+from test_register import _render  # Gaussian stars, sigma 1.6 px
 
 
 def _similarity(degrees: float, scale: float, shift: tuple[float, float], shape) -> np.ndarray:
@@ -44,15 +45,6 @@ def _direct_warp(img: np.ndarray, m: np.ndarray, shape) -> np.ndarray:
             )
             out += val * _keys(sx - xx) * _keys(sy - yy)
     return out
-
-
-def _stars(shape, stars, sigma: float = 1.6) -> np.ndarray:
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.zeros(shape)
-    for x, y, f in stars:
-        img += f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
-    return img.astype(np.float32)
 
 
 def _moments(img: np.ndarray, x: float, y: float, r: int = 8) -> tuple[float, float, float]:
@@ -102,11 +94,11 @@ def test_stars_land_where_opencv_puts_them(degrees, shift):
         (40.45, 120.9, 300.0),
     ]
     m = _similarity(degrees, 1.0, shift, (h, w))
-    img = _stars((h, w), stars)
+    img = _render((h, w), stars)
     warped, coverage = warp_image(img, m, (h, w), "cubic")
     opencv = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_CUBIC)
     catmull_rom = warp_cubic_two_pass(img, two_pass_plan(m, (h, w)), (h, w), keys_a=-0.5)
-    truth = _stars((h, w), [(*apply_transform(m, [[x, y]])[0], f) for x, y, f in stars])
+    truth = _render((h, w), [(*apply_transform(m, [[x, y]])[0], f) for x, y, f in stars])
     for x, y, _ in stars:
         px, py = apply_transform(m, [[x, y]])[0]
         assert coverage[round(py), round(px)]
