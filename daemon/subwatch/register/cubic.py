@@ -112,6 +112,21 @@ def _run(
         out[q] = w0 * r0[q] + w1 * r1[q] + w2 * r2[q] + w3 * r3[q]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _run_end(u: int, n_out: int, slope: float, p0: float, drift: int, lo: int, hi: int) -> int:
+    """End of the run of output pixels from ``u`` that read the same taps, shifted by ``drift``
+    per pixel: ``floor(slope * u' + p0) - drift * u'`` stays what it is at ``u`` and within
+    ``[lo, hi]`` (both are monotone in ``u'``, so checking the run's last pixel suffices)."""
+    first = int(np.floor(slope * u + p0)) - drift * u
+    end = min(n_out, u + _RUN)
+    while end > u + 1:
+        i = int(np.floor(slope * (end - 1) + p0))
+        if i - drift * (end - 1) == first and lo <= i <= hi:
+            break
+        end = u + (end - u) // 2
+    return end
+
+
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _row_pass(
     src: np.ndarray, alpha: float, beta: float, gamma: float, a: np.float32, out: np.ndarray
@@ -131,15 +146,10 @@ def _row_pass(
                 dst[u] = _edge_sample(row, alpha * u + x0, a)
                 u += 1
                 continue
-            k = i - u  # source offset of this run: x = u + k + fraction
-            end = min(n_out, u + _RUN)
-            while end > u + 1:  # shorten the run until its last pixel keeps the offset
-                j = int(np.floor(alpha * (end - 1) + x0))
-                if j - (end - 1) == k and 1 <= j <= width - 3:
-                    break
-                end = u + (end - u) // 2
+            # x = u + (i - u) + fraction: the source offset i - u holds along the run
+            end = _run_end(u, n_out, alpha, x0, 1, 1, width - 3)
             t0 = np.float32(alpha * u + x0 - i)
-            lo = u + k - 1  # the four taps of pixel u + q are row[lo + q .. lo + q + 3]
+            lo = i - 1  # the four taps of pixel u + q are row[lo + q .. lo + q + 3]
             n = end - u
             _run(
                 dst[u:end],
@@ -172,11 +182,7 @@ def _column_pass(
                 dst[u] = _edge_sample(img[:, u], d * u + y0, a)
                 u += 1
                 continue
-            end = min(n_out, u + _RUN)
-            while end > u + 1:  # shorten the run until its last pixel reads the same rows
-                if int(np.floor(d * (end - 1) + y0)) == i:
-                    break
-                end = u + (end - u) // 2
+            end = _run_end(u, n_out, d, y0, 0, 1, height - 3)  # the same four rows
             t0 = np.float32(d * u + y0 - i)
             _run(
                 dst[u:end],
