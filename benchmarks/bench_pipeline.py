@@ -90,6 +90,14 @@ def _warp_seconds(width: int, height: int) -> float:
     )
 
 
+def peer_times(capture: Path) -> dict[str, list[float]]:
+    """``peer_chain.run`` on the capture, in a child process that keeps its memory apart."""
+    import peer_chain  # beside this script; needs the bench extra and sep
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(peer_chain.run, (capture,))
+
+
 def _config(watch: Path, out: Path, previews: bool, **watching: float) -> Config:
     return Config.model_validate(
         {
@@ -148,6 +156,11 @@ def main() -> None:
     )
     parser.add_argument("--batch", action="store_true", help="run --once over the capture")
     parser.add_argument("--previews", action="store_true", help="render previews meanwhile")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="then run the plain chain of peer_chain.py on the same capture (bench extra, sep)",
+    )
     args = parser.parse_args()
     # `subwatch run` sets the allocator up in its main thread before any other thread exists,
     # and so must this, before machine_speed's pool starts (and ends) its threads: glibc hands
@@ -184,6 +197,7 @@ def main() -> None:
         t_run = time.perf_counter() - t0
         rate_after, warp_after = machine_speed(args.width, args.height)
         rows = read_jsonl(out / "frames.jsonl")
+        peer = peer_times(capture) if args.peer else None
 
     lights = [r for r in rows if r["kind"] == "light" and r["status"] in ("stacked", "rejected")]
     # The first light also builds the masters; report it apart.
@@ -220,6 +234,10 @@ def main() -> None:
     for r in flush:
         print(f"sub completing the warm-up buffer: total {r['seconds']['total']:.3f} s")
     print(f"peak RSS: {rss_mb:.0f} MB")
+    if peer is not None:
+        print("plain chain of off-the-shelf parts (peer_chain.py), the same lights:")
+        for stage, values in peer.items():
+            print(f"  {stage:10s} median {statistics.median(values):.3f} s  (n={len(values)})")
 
 
 if __name__ == "__main__":
