@@ -134,3 +134,67 @@ def test_a_deferred_file_comes_back_with_its_identity(tmp_path: Path) -> None:
     (again,) = scanner.poll(paths=[])
     assert again is first  # not read again
     assert scanner.poll(paths=[]) == []
+
+
+def _completing_on_first_check(monkeypatch, path: Path, rest: bytes) -> None:
+    """The capture program finishes ``path`` while the scanner checks it for the first time."""
+    from subwatch.service import scanner as scanner_module
+
+    real = scanner_module.check_complete
+    calls = []
+
+    def check_complete(p: Path, *args: object) -> int:
+        calls.append(p)
+        if len(calls) == 1:
+            try:
+                return real(p, *args)
+            finally:
+                with open(path, "ab") as fh:
+                    fh.write(rest)
+                _age(path, 20)
+        return real(p, *args)
+
+    monkeypatch.setattr(scanner_module, "check_complete", check_complete)
+
+
+def test_a_file_reported_with_its_folder_is_considered_once(tmp_path: Path, monkeypatch) -> None:
+    """A night's folder and its first sub reported together, the sub completed meanwhile: one
+    report (waiting), then the complete file with its own size; never both in one pass."""
+    payload = _fits(5)
+    night = tmp_path / "night"
+    night.mkdir()
+    sub = night / "a.fits"
+    sub.write_bytes(payload[:3000])
+    _age(sub, 30)
+    _completing_on_first_check(monkeypatch, sub, payload[3000:])
+    scanner = Scanner(tmp_path, _cfg())
+    got = scanner.poll(paths=[night, sub])
+    assert [(c.path.name, c.state) for c in got] == [("a.fits", "waiting")]
+    (ready,) = scanner.poll(paths=[])
+    assert (ready.state, ready.size) == ("ready", len(payload))
+
+
+def test_a_file_written_while_checked_is_handed_out_with_its_final_size(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Seen empty, complete by the time it is read: not handed out as the empty version."""
+    payload = _fits(6)
+    sub = tmp_path / "a.fits"
+    sub.write_bytes(b"")
+    _age(sub, 30)
+
+    from subwatch.service import scanner as scanner_module
+
+    real = scanner_module.check_complete
+
+    def check_complete(p: Path, *args: object) -> int:
+        if sub.stat().st_size == 0:
+            sub.write_bytes(payload)
+            _age(sub, 20)
+        return real(p, *args)
+
+    monkeypatch.setattr(scanner_module, "check_complete", check_complete)
+    scanner = Scanner(tmp_path, _cfg())
+    assert scanner.poll() == [] and scanner.pending == {sub}
+    (ready,) = scanner.poll(paths=[])
+    assert (ready.state, ready.size, ready.mtime) == ("ready", len(payload), sub.stat().st_mtime)

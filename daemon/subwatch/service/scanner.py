@@ -121,8 +121,13 @@ class Scanner:
         return found
 
     def _look_at(self, paths: Iterable[Path]) -> list[tuple[Path, os.stat_result]]:
-        """The reported paths (files, or folders to walk) that exist and are ours."""
-        found: list[tuple[Path, os.stat_result]] = []
+        """The reported paths (files, or folders to walk) that exist and are ours, each once.
+
+        A folder and a file in it are often reported together (a night's folder created, its
+        first sub written): the file must be considered once, or a pass could both hand it
+        out and report it as still being written.
+        """
+        found: dict[Path, os.stat_result] = {}
         for path in paths:
             try:
                 st = path.stat()
@@ -137,10 +142,10 @@ class Scanner:
                 continue
             if os.path.isdir(path):
                 if self.cfg.recursive and not self._skipped_dir(path):
-                    found.extend(self._walk(path))
+                    found.update(self._walk(path))
             elif self._wanted(path.name):
-                found.append((path, st))
-        return found
+                found[path] = st
+        return list(found.items())
 
     def _drop(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -223,6 +228,10 @@ class Scanner:
             ready = Candidate(
                 path, size, mtime, "ready", taken=capture_time(path), fingerprint=fingerprint(path)
             )
+            if _changed(path, size, mtime):
+                # Written to between our stat and our reads: the size and mtime we hold are
+                # not the complete file's, and its row and identity must be. Look again.
+                return None
         except IncompleteFrame as exc:
             if final or observed >= self.cfg.incomplete_timeout_seconds:
                 return Candidate(path, size, mtime, "incomplete", f"truncated ({exc.detail})")
@@ -256,3 +265,12 @@ class Scanner:
         """A file handled before a restart: not handed out again unless it changes."""
         if size is not None and mtime is not None:
             self._handed[Path(path)] = (int(size), float(mtime))
+
+
+def _changed(path: Path, size: int, mtime: float) -> bool:
+    """Whether the file's size or mtime is no longer what was seen (or it is gone)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime) != (size, mtime)
