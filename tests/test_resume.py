@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,6 +15,7 @@ import pytest
 from astropy.io import fits
 
 from subwatch.simulate import SimOptions, simulate_session
+from watching import rows
 
 DEFECTS = {2: ["trail"], 5: ["clouds"], 7: ["cosmic_rays"]}
 
@@ -57,10 +57,7 @@ def _start(capture: Path, out: Path, config: Path) -> subprocess.Popen[str]:
 
 
 def _rows(out: Path) -> list[dict]:
-    path = out / "frames.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return rows(out)  # the daemon may be appending: a half-written last row is left out
 
 
 def _finish(capture: Path, out: Path, config: Path) -> None:

@@ -47,8 +47,10 @@ def _daemon(
 
 
 def _messages(log: Path) -> list[dict]:
-    """The JSON log lines so far (every line must be one)."""
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    """The JSON log lines so far (every complete line must be one; the daemon may be in the
+    middle of writing the last)."""
+    *complete, _being_written = log.read_text().split("\n")
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def _logged(log: Path, *words: str) -> list[dict]:

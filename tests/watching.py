@@ -57,10 +57,16 @@ def watch_config(watch: Path, out: Path, **watch_keys: Any) -> Config:
 
 
 def rows(out: Path) -> list[dict[str, Any]]:
+    """The journal's rows while a daemon may be appending to it.
+
+    A last line without its newline is a row still being written (a reader can see part of
+    an append) and is left out; any other line that is not JSON fails the test.
+    """
     path = out / "frames.jsonl"
     if not path.exists():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    *complete, _being_written = path.read_text().split("\n")
+    return [json.loads(x) for x in complete if x.strip()]
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
