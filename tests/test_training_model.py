@@ -134,3 +134,25 @@ def test_shuffled_network_exports_its_own_grid_and_runs_through_inference(tmp_pa
     out = denoiser(image, strength=1.0)
     assert out.shape == image.shape and np.all(np.isfinite(out))
     assert denoiser.info["tiles"] > 1
+
+
+def test_reproduce_runs_the_chain_once_and_ships_the_last_stage(tmp_path: Path) -> None:
+    """Each stage starts from the one before; a finished stage is not run again; the shipped
+    file carries the whole chain in its version."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from training.reproduce import Stage, reproduce
+
+    from subwatch.enhance.denoise import load_network
+
+    stages = (Stage("one", seed=1, iters=2, lr=1e-3), Stage("two", seed=2, iters=1, lr=0.0))
+    extra = ["--batch", "2", "--size", "32", "--warmup", "1", "--device", "cpu"]
+    extra += ["--val-every", "100", "--early-export-at", "0", "--final-scenes", "1"]
+    shipped = reproduce(stages, tmp_path, tmp_path / "shipped.onnx", extra)
+    first = torch.load(tmp_path / "one" / "model.pt")["model"]
+    for k, v in torch.load(tmp_path / "two" / "model.pt")["model"].items():
+        torch.testing.assert_close(v, first[k], rtol=0, atol=0)  # learning rate 0: unchanged
+    assert load_network(shipped).metadata["version"] == "1.1-seed1-it2+seed2-it1"
+    stamp = (tmp_path / "one" / "model.pt").stat().st_mtime_ns
+    reproduce(stages, tmp_path, tmp_path / "again.onnx", extra)
+    assert (tmp_path / "one" / "model.pt").stat().st_mtime_ns == stamp

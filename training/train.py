@@ -1,4 +1,5 @@
-"""Train the shipped denoiser from a seed: ``python -m training.train`` reproduces it.
+"""Train the denoiser from a seed: ``python -m training.train`` runs the first stage of the
+shipped model (``training.reproduce`` runs them all and ships the result).
 
 Recipe: residual U-Net (``training.model``), batches of synthetic 96x96 scenes
 (``training.scenes``) with noise redrawn every batch, MSE in GAT units, Adam with a short
@@ -31,7 +32,6 @@ from training.scenes import batches
 from training.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_EXPORT = ROOT / "daemon" / "subwatch" / "models" / "denoiser.onnx"
 
 
 def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
@@ -70,8 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "training" / "runs" / "shipped")
-    ap.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
+    ap.add_argument("--out", type=Path, default=ROOT / "training" / "runs" / "base")
+    ap.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="the ONNX file (default: denoiser.onnx in --out; training.reproduce ships it)",
+    )
     ap.add_argument("--early-export-at", type=int, default=500)
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=25)
@@ -99,7 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="checkpoint and stop after this long; --resume carries on (for time-limited runs)",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.export is None:
+        args.export = args.out / "denoiser.onnx"
+    return args
 
 
 def _device(name: str) -> torch.device:

@@ -6,7 +6,9 @@ does not depend on content), then one onnxruntime session is made (timed apart: 
 process makes it once per night) and the image is denoised with the config's defaults
 (tiles of 512 px, overlap 48, 2 threads, strength 0.8). Reported: wall and CPU seconds of
 the denoise call, what of it the noise-model estimate takes, the tiles run, peak RSS, and
-the load average (this machine is shared).
+the load average (this machine is shared). ``network us/px`` is the network alone on two
+488x488 tiles (best of three, after a warm-up): the figure to compare across machines, as
+``../shared/research/denoiser.md`` gives it (the shipped U-Net at 0.75-1.0 us/px there).
 
     python benchmarks/denoise/bench_speed.py                      # 6248x4176 and 3008x3008
     python benchmarks/denoise/bench_speed.py --sizes 3008x3008 --tile 1024
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +50,18 @@ def synthetic_stack(height: int, width: int, seed: int = 0) -> np.ndarray:
     return image
 
 
+def network_us_per_px(network: Any, side: int = 488, tiles: int = 2) -> float:
+    """Microseconds per pixel of the network alone on ``tiles`` tiles (best of three)."""
+    batch = np.random.default_rng(1).standard_normal((tiles, 2, side, side), dtype=np.float32)
+    network.run(batch)  # warm-up: the session allocates its buffers on the first run
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        network.run(batch)
+        best = min(best, time.perf_counter() - t0)
+    return best / (tiles * side * side) * 1e6
+
+
 def one(size: str, model: str | None, tile: int, overlap: int, threads: int) -> dict:
     from subwatch.enhance.denoise import DenoiseSettings, load_denoiser
     from subwatch.enhance.vst import estimate_noise_model
@@ -63,6 +78,7 @@ def one(size: str, model: str | None, tile: int, overlap: int, threads: int) -> 
     t0 = time.perf_counter()
     estimate_noise_model(image)
     noise_s = time.perf_counter() - t0
+    us_per_px = network_us_per_px(denoiser.network)
     load0 = os.getloadavg()[0]
     cpu0, t0 = time.process_time(), time.perf_counter()
     out = denoiser(image)
@@ -73,6 +89,7 @@ def one(size: str, model: str | None, tile: int, overlap: int, threads: int) -> 
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2),
         "noise_model_s": round(noise_s, 2),
+        "us_per_px": round(us_per_px, 3),
         "session_s": round(session_s, 2),
         "tiles": denoiser.info["tiles"],
         "tile": "x".join(map(str, denoiser.info["tile"])),
@@ -98,9 +115,9 @@ def main() -> None:
         return
     print(
         "| frame | wall s | CPU s | of which noise model s | tiles (count, size, overlap) "
-        "| peak RSS MB | session s | load avg |"
+        "| peak RSS MB | session s | network us/px | load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", size]
         cmd += ["--tile", str(args.tile), "--overlap", str(args.overlap)]
@@ -109,7 +126,7 @@ def main() -> None:
         print(
             f"| {r['size']} | {r['wall_s']} | {r['cpu_s']} | {r['noise_model_s']} "
             f"| {r['tiles']} ({r['tile']}, {r['overlap']}) | {r['peak_rss_mb']} "
-            f"| {r['session_s']} | {r['load_before']}-{r['load_after']} |",
+            f"| {r['session_s']} | {r['us_per_px']} | {r['load_before']}-{r['load_after']} |",
             flush=True,
         )
     print(f"\nmodel: {r['model']}")
