@@ -41,6 +41,7 @@ class Stage:
 STAGES = (
     Stage("base", seed=7, iters=8000, lr=1e-3),
     Stage("finetune1", seed=8, iters=12000, lr=5e-4),
+    Stage("finetune2", seed=9, iters=12000, lr=3e-4),
 )
 
 
