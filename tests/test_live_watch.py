@@ -72,10 +72,11 @@ def test_a_night_written_in_place_is_stacked_live(tmp_path: Path, monkeypatch) -
 
     # Nothing was read before it was complete: every read saw the file's final size.
     assert reads and all(size == path.stat().st_size for path, size in reads)
-    outcome = {r["file"]: r for r in rows(out) if r["status"] not in ("waiting",)}
+    done_rows = [r for r in rows(out) if r["status"] != "waiting"]
+    outcome = {r["file"]: r for r in done_rows}
     # One row per file beyond "waiting": a file seen half-written and complete in one pass of
     # the scanner was once both reported waiting and handed out, then taken a second time.
-    taken = Counter(r["file"] for r in rows(out) if r["status"] != "waiting")
+    taken = Counter(r["file"] for r in done_rows)
     assert set(taken.values()) == {1}, taken.most_common(3)
     assert [outcome[n]["status"] for n in names] == ["stacked"] * LIGHTS
 

@@ -3,7 +3,6 @@ applying what can change live and keeping the running config when the new one is
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ from astropy.io import fits
 from subwatch.config import apply_overrides, load_config
 from subwatch.service.daemon import run_daemon
 from subwatch.simulate import SimOptions, simulate_session
-from watching import Running, bias_bytes, rows, wait_until, watch_config
+from watching import Running, bias_bytes, json_lines, rows, wait_until, watch_config
 
 STOP_WITHIN = 10.0  # seconds: what a service manager allows before it kills
 
@@ -47,10 +46,8 @@ def _daemon(
 
 
 def _messages(log: Path) -> list[dict]:
-    """The JSON log lines so far (every complete line must be one; the daemon may be in the
-    middle of writing the last)."""
-    *complete, _being_written = log.read_text().split("\n")
-    return [json.loads(line) for line in complete if line.strip()]
+    """The JSON log lines so far (every complete line must be one)."""
+    return json_lines(log)
 
 
 def _logged(log: Path, *words: str) -> list[dict]:

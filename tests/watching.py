@@ -56,17 +56,21 @@ def watch_config(watch: Path, out: Path, **watch_keys: Any) -> Config:
     return Config.model_validate({"watch": keys, "output": {"path": str(out)}})
 
 
-def rows(out: Path) -> list[dict[str, Any]]:
-    """The journal's rows while a daemon may be appending to it.
+def json_lines(path: Path) -> list[Any]:
+    """The JSON lines of a file a daemon may be appending to (none if it does not exist yet).
 
-    A last line without its newline is a row still being written (a reader can see part of
-    an append) and is left out; any other line that is not JSON fails the test.
+    A last line without its newline is still being written (a reader can see part of an
+    append) and is left out; any other line that is not JSON fails the test.
     """
-    path = out / "frames.jsonl"
     if not path.exists():
         return []
     *complete, _being_written = path.read_text().split("\n")
     return [json.loads(x) for x in complete if x.strip()]
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    """The journal's rows so far."""
+    return json_lines(out / "frames.jsonl")
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
