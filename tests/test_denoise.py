@@ -193,6 +193,23 @@ def test_bright_star_cores_pass_through(models: dict[str, Path]) -> None:
     assert out[wing] != image[wing]
 
 
+def test_bright_nebula_is_denoised_and_only_star_cores_are_kept(models: dict[str, Path]) -> None:
+    """A deep stack's nebula stands tens of noise units above the sky over whole regions: it is
+    no core, so its noise goes; the star on it still passes through bit for bit."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    clean = SKY + 80.0 * NOISE * np.exp(-((yy - 64.0) ** 2 + (xx - 64.0) ** 2) / (2 * 30.0**2))
+    image = (clean + NOISE * np.random.default_rng(11).standard_normal(clean.shape)).astype(
+        np.float32
+    )
+    _star(image, 64.3, 63.6, 2000.0 * NOISE)
+    out = _denoiser(models["box"], tile=4096, overlap=16)(image, 1.0, NM)
+    core = (slice(63, 66), slice(62, 65))
+    assert np.array_equal(out[core], image[core])
+    nebula = (slice(40, 52), slice(40, 52))  # 40-60 noise units above the sky, no star
+    assert (clean[nebula] - SKY).min() > 40.0 * NOISE
+    assert np.std(out[nebula] - clean[nebula]) < 0.5 * NOISE
+
+
 def test_no_data_stays_no_data(models: dict[str, Path]) -> None:
     image = _sky((100, 120), seed=9)
     image[:, :11] = np.nan

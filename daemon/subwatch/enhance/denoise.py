@@ -24,11 +24,13 @@ After the network, the image goes back through the exact unbiased inverse of the
 and three things are done in linear space:
 
 * **star cores pass through**: where the (3x3-averaged) transformed image stands more than
-  ``CORE_LOW`` noise units above the sky, ramping to ``CORE_HIGH``, grown by a pixel and
-  feathered, the input is kept as it was. There the network has little noise to take away,
-  and its smallest change to a peak shows: without this, stars of 256-sub stacks came out
-  2.8 % wider (FWHM) and the stretched PSNR 3 dB lower; with it, 0.3 % (see
-  docs/decisions.md);
+  ``CORE_LOW`` noise units above its local background (a grey opening that removes what is
+  narrower than ``CORE_BACKGROUND`` px: stars, not sky or nebula), ramping to
+  ``CORE_HIGH``, grown by a pixel and feathered, the input is kept as it was. There the
+  network has little noise to take away, and its smallest change to a peak shows. Measured
+  above the local background, not above the image's sky: a deep stack's gradient and bright
+  nebula stand tens of noise units above the sky over whole regions, and a rule on the
+  level alone kept those with all their noise (see docs/decisions.md);
 * **strength** blends the result with the input, ``s * denoised + (1 - s) * input``;
   ``s = 0`` gives the input back, bit for bit;
 * **no data stays no data**: NaN pixels (where no sub reached) are filled with the sky for
@@ -70,10 +72,13 @@ log = logging.getLogger(__name__)
 
 #: The model shipped with subwatch, under ``subwatch/models``.
 SHIPPED_MODEL = "denoiser.onnx"
-#: Star cores: transformed level above the sky (noise units, 3x3 mean) where the input starts
-#: to be kept, and where it is kept entirely.
-CORE_LOW = 15.0
-CORE_HIGH = 30.0
+#: Star cores: transformed level above the local background (noise units, 3x3 mean) where
+#: the input starts to be kept, and where it is kept entirely.
+CORE_LOW = 40.0
+CORE_HIGH = 80.0
+#: Side (px) of the square whose grey opening is a core's local background: wider than the
+#: bright part of a star, narrower than the sky's and the nebula's large-scale structure.
+CORE_BACKGROUND = 31
 #: Tiles sent to onnxruntime in one call: fewer calls, same memory order as one tile.
 BATCH = 2
 #: Chroma of colour stacks: guided-filter radius (px) and regularisation (in units of the
@@ -452,13 +457,26 @@ def axis_tiles(
 def core_weight(z: np.ndarray) -> np.ndarray:
     """0..1, where the input is kept: bright cores in a normalised transformed image ``z``.
 
+    A core stands out from its surroundings, so the level is measured above the local
+    background, not above the image's sky: a deep stack's sky gradient or a bright nebula
+    lies tens of noise units above the median over whole regions, and a threshold on the
+    level itself would pass those through with their noise. The background is a grey
+    opening (erosion, then dilation) by a ``CORE_BACKGROUND`` px square, which removes what
+    is narrower than that (stars) and follows what is broader (sky, nebula).
     The 3x3 mean keeps noise from reaching the threshold (its std is a third of a unit). The
     mask is grown by one pixel and feathered outwards only (the larger of the mask and its
     blur by a one-pixel Gaussian): inside it stays exactly 1, and the hand-over from
     denoised wings to kept cores is smooth.
     """
-    level = cv2.blur(z, (3, 3), borderType=cv2.BORDER_REFLECT)
-    weight = np.clip((level - CORE_LOW) / (CORE_HIGH - CORE_LOW), 0.0, 1.0).astype(np.float32)
+    level = cv2.blur(np.asarray(z, np.float32), (3, 3), borderType=cv2.BORDER_REFLECT)
+    square = np.ones((CORE_BACKGROUND, CORE_BACKGROUND), np.uint8)
+    background = cv2.morphologyEx(level, cv2.MORPH_OPEN, square, borderType=cv2.BORDER_REFLECT)
+    # In place, as the frame is large: weight = clip((level - background - LOW) / span, 0, 1).
+    weight = np.subtract(level, background, out=level)
+    del background
+    weight -= np.float32(CORE_LOW)
+    weight *= np.float32(1.0 / (CORE_HIGH - CORE_LOW))
+    np.clip(weight, 0.0, 1.0, out=weight)
     if not weight.any():
         return weight
     weight = cv2.dilate(weight, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REFLECT)
