@@ -193,6 +193,17 @@ def test_bright_star_cores_pass_through(models: dict[str, Path]) -> None:
     assert out[wing] != image[wing]
 
 
+def test_a_wide_saturated_core_passes_through(models: dict[str, Path]) -> None:
+    """A bright star's flat, saturated top is tens of pixels wide: still a core, kept."""
+    image = _sky((200, 200), seed=13)
+    _star(image, 100.0, 100.0, 5000.0 * NOISE, fwhm=40.0)
+    np.minimum(image, SKY + 2000.0 * NOISE, out=image)  # a plateau about 46 px across
+    out = _denoiser(models["box"], tile=4096, overlap=16)(image, 1.0, NM)
+    top = (slice(85, 116), slice(85, 116))
+    assert (image[top] == SKY + 2000.0 * NOISE).all()
+    assert np.array_equal(out[top], image[top])
+
+
 def test_bright_nebula_is_denoised_and_only_star_cores_are_kept(models: dict[str, Path]) -> None:
     """A deep stack's nebula stands tens of noise units above the sky over whole regions: it is
     no core, so its noise goes; the star on it still passes through bit for bit."""

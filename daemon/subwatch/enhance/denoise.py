@@ -78,7 +78,7 @@ CORE_LOW = 40.0
 CORE_HIGH = 80.0
 #: Side (px) of the square whose grey opening is a core's local background: wider than the
 #: bright part of a star, narrower than the sky's and the nebula's large-scale structure.
-CORE_BACKGROUND = 31
+CORE_BACKGROUND = 63
 #: Tiles sent to onnxruntime in one call: fewer calls, same memory order as one tile.
 BATCH = 2
 #: Chroma of colour stacks: guided-filter radius (px) and regularisation (in units of the
