@@ -204,6 +204,19 @@ def test_a_wide_saturated_core_passes_through(models: dict[str, Path]) -> None:
     assert np.array_equal(out[top], image[top])
 
 
+def test_a_top_wider_than_the_background_square_passes_through_by_its_level(
+    models: dict[str, Path],
+) -> None:
+    """So far above the sky the network is outside its training: kept whatever its size."""
+    image = _sky((300, 300), seed=17)
+    _star(image, 150.0, 150.0, 10000.0 * NOISE, fwhm=120.0)
+    np.minimum(image, SKY + 3000.0 * NOISE, out=image)  # about 150 px across
+    out = _denoiser(models["box"], tile=4096, overlap=16)(image, 1.0, NM)
+    top = (slice(100, 201), slice(100, 201))
+    assert (image[top] == SKY + 3000.0 * NOISE).all()
+    assert np.array_equal(out[top], image[top])
+
+
 def test_bright_nebula_is_denoised_and_only_star_cores_are_kept(models: dict[str, Path]) -> None:
     """A deep stack's nebula stands tens of noise units above the sky over whole regions: it is
     no core, so its noise goes; the star on it still passes through bit for bit."""
