@@ -10,8 +10,7 @@ from a single sub to a 500-frame stack. One model then serves them all.
 * ``NoiseModel`` describes the noise: variance ``sigma**2 + gain * (level - offset)``.
 * ``estimate_noise_model`` measures it from the image alone: a local level and a high-pass
   residual per pixel, structure (stars, sharp nebula edges) masked out, a robust variance per
-  level bin, a robust straight-line fit of variance against level; mask and fit refined
-  together until the model settles.
+  level bin, a robust straight-line fit of variance against level.
 * ``forward`` is the GAT, written so that ``gain -> 0`` becomes ``(x - offset) / sigma``
   smoothly (no ``2 sigma / gain`` constant that cancels out in float32).
 * ``inverse`` is the closed-form approximation of the exact unbiased inverse of Makitalo & Foi
@@ -148,11 +147,6 @@ _MAX_PIXELS = 4_000_000  # above this, measure on a grid of tiles (noise is a lo
 _TILE = 512
 _FIRST_PASS_STRIDE = 4  # the first, structure-blind model uses every 4th (level, residual)
 _WINGS = np.ones((5, 5), np.uint8)  # a loud pixel takes its 5x5 neighbourhood with it
-#: Model and structure mask are refined together for at most this many passes (the first
-#: model sees everything), stopping early once sigma and the variance at the bright end move
-#: by less than ``_SETTLED``.
-_PASSES = 4
-_SETTLED = 0.01
 
 
 def _box_sum(a: np.ndarray, k: int) -> np.ndarray:
@@ -218,6 +212,7 @@ def _binned_variance(
     Only which pixels fall in which bin matters, not their order inside it: a partition at
     the bin edges gives exactly that, three times quicker than sorting millions of levels.
     """
+    nbins = max(1, min(nbins, level.size // 50))  # every bin at least 50 pixels
     edges = np.linspace(0, level.size, nbins + 1).astype(int)
     order = np.argpartition(level, edges[1:-1]) if nbins > 1 else np.arange(level.size)
     lv = level[order]
@@ -258,15 +253,6 @@ def _robust_line(
     return a, b
 
 
-def _settled(before: NoiseModel, after: NoiseModel, bright: float) -> bool:
-    """Whether two passes agree on the noise at the sky and at the bright end of the pairs."""
-    for level in (after.offset, bright):
-        a, b = float(before.std(level)), float(after.std(level))
-        if abs(a - b) > _SETTLED * max(a, b, 1e-30):
-            return False
-    return True
-
-
 def estimate_noise_model(image: np.ndarray, mask: np.ndarray | None = None) -> NoiseModel:
     """Measure the Poisson-Gaussian noise of one linear mono image (a sub or a stack).
 
@@ -289,12 +275,8 @@ def estimate_noise_model(image: np.ndarray, mask: np.ndarray | None = None) -> N
     # (3008x3008: 0.08 against 0.3-0.8 s for the median of all 9 million).
     offset = float(np.median(np.concatenate([img[sy, sx][valid[sy, sx]] for sy, sx in tiles])))
 
-    # The mask of structure is only as tight as the model it is drawn with, and the first
-    # model is measured on every pixel: on a frame full of nebula or star wings it comes out
-    # too high, lets structure through, and the second one is still too high at the bright
-    # end. So mask and model are refined together until the model settles.
     model: NoiseModel | None = None
-    for _ in range(_PASSES):
+    for _ in range(2):
         levels, resids = [], []
         for sy, sx in tiles:
             lv, rs = _level_residual_pairs(img[sy, sx], valid[sy, sx], model)
@@ -310,18 +292,12 @@ def estimate_noise_model(image: np.ndarray, mask: np.ndarray | None = None) -> N
             # The first model only decides what is structure; a quarter of the pairs will do.
             level, resid = level[::_FIRST_PASS_STRIDE], resid[::_FIRST_PASS_STRIDE]
         cen, var, cnt = _binned_variance(level, resid)
-        if cen.size == 0:  # too few pairs for any bin
-            if model is None:
-                raise ValueError("no smooth region found to measure noise")
-            break
         a, b = _robust_line(cen, var, cnt, offset)
         sky_var = a if a > 0 else float(np.min(var))
         sigma = float(np.sqrt(max(sky_var, 1e-30)))
         low, high = np.percentile(level, [5, 95])
         span = float(high - low)
         gain = max(b, 0.0) if span > 3.0 * sigma else 0.0
-        previous, model = model, NoiseModel(gain=gain, sigma=sigma, offset=offset)
-        if previous is not None and _settled(previous, model, float(high)):
-            break
+        model = NoiseModel(gain=gain, sigma=sigma, offset=offset)
     assert model is not None
     return model
