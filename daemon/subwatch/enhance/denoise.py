@@ -469,7 +469,8 @@ def core_weight(z: np.ndarray) -> np.ndarray:
     lies tens of noise units above the median over whole regions, and a threshold on the
     level itself would pass those through with their noise. The background is a grey
     opening (erosion, then dilation) by a ``CORE_BACKGROUND`` px square, which removes what
-    is narrower than that (stars) and follows what is broader (sky, nebula).
+    is narrower than that (stars) and follows what is broader (sky, nebula). From
+    ``CORE_ABSOLUTE`` units above the sky the level alone decides (tops wider than the square).
     The 3x3 mean keeps noise from reaching the threshold (its std is a third of a unit). The
     mask is grown by one pixel and feathered outwards only (the larger of the mask and its
     blur by a one-pixel Gaussian): inside it stays exactly 1, and the hand-over from
